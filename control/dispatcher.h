@@ -1,0 +1,65 @@
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <string_view>
+
+#include "backup/event_bus.h"
+#include "backup/job_registry.h"
+#include "backup/job_types.h"
+
+namespace cbw::control {
+
+// What one write() on the control file did.
+struct WriteOutcome {
+  // 0 when every command in the write succeeded; else the errno of the first
+  // failure (SPEC 2.2 table). The write() returns its byte count or fails with it.
+  int error = 0;
+  // The response lines (each ending in '\n') for the commands that ran, in
+  // order, including the failing one's error reply. Empty when the write was
+  // refused as a whole (bad JSON, oversized): then `last_reply` still says why.
+  std::string responses;
+  // The last response line produced (what `cat control` on a fresh open shows).
+  std::string last_reply;
+};
+
+// Seams for tests and the fuzzer; production code uses the defaults.
+struct DispatcherOptions {
+  // When set, called with each drive-backup's fully validated options (also
+  // each transaction action's) just before the registry sees them. It may
+  // rewrite them (the fuzzer confines targets to a scratch directory) or
+  // refuse with a Status, whose errno and message become the reply.
+  std::function<backup::Status(backup::BackupOptions*)> vet_backup;
+};
+
+// QMP over bytes: parses a write's worth of commands, validates them strictly
+// (QEMU's order, classes and texts), calls the registry, renders replies.
+//
+// Thread safety: Execute is thread-safe (it keeps no state between calls but
+// the registry's). Ownership: borrows the registry.
+class Dispatcher {
+ public:
+  explicit Dispatcher(backup::JobRegistry* registry);
+  Dispatcher(backup::JobRegistry* registry, DispatcherOptions options);
+
+  // One write(): one or more whole JSON objects separated by optional
+  // whitespace. A write ending inside an unfinished value, or holding anything
+  // but JSON objects, runs nothing and fails with EINVAL. A command over
+  // 64 KiB fails with EMSGSIZE. Commands run in order; the first failure ends
+  // the write. Every error is also logged (stderr/syslog via the logger).
+  WriteOutcome Execute(std::string_view bytes);
+
+ private:
+  backup::JobRegistry* registry_;
+  DispatcherOptions options_;
+};
+
+// One jobs/<id> file: a JSON object and a newline (SPEC 4).
+std::string RenderJobFile(const backup::JobInfo& info);
+// One events line: {"event", "data", "timestamp"} and a newline.
+std::string RenderEvent(const backup::Event& event);
+// The line a slow events reader gets in place of `count` events it missed.
+std::string RenderEventsDropped(uint64_t count);
+
+}  // namespace cbw::control
