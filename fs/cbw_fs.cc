@@ -1,0 +1,795 @@
+#include "fs/cbw_fs.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <new>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "backup/log.h"
+
+namespace cbw::fs {
+namespace {
+
+constexpr fuse_ino_t kRootIno = FUSE_ROOT_ID;
+constexpr fuse_ino_t kControlIno = 2;
+constexpr fuse_ino_t kEventsIno = 3;
+constexpr fuse_ino_t kJobsIno = 4;
+constexpr fuse_ino_t kSnapshotsIno = 5;
+constexpr fuse_ino_t kFirstDriveIno = 16;
+constexpr fuse_ino_t kJobInoBase = fuse_ino_t{1} << 40;
+constexpr fuse_ino_t kViewInoBase = fuse_ino_t{2} << 40;
+
+// Fixed nodes may be cached by the kernel; jobs/ and snapshots/ entries come
+// and go, so they are never cached (they appear and vanish at once).
+constexpr double kFixedTimeout = 1.0;
+constexpr double kDynamicTimeout = 0.0;
+
+// Bounds one events reader's backlog; past it the reader is told how many it missed.
+constexpr size_t kEventsBacklogBytes = 1 << 20;
+
+CbwFs* Self(fuse_req_t req) { return static_cast<CbwFs*>(fuse_req_userdata(req)); }
+
+// Runs an op body so that no exception reaches libfuse. Bodies reply last, so
+// a throw means nothing was replied yet.
+template <class F>
+void Guard(fuse_req_t req, F&& body) {
+  try {
+    body();
+  } catch (const std::bad_alloc&) {
+    fuse_reply_err(req, ENOMEM);
+  } catch (...) {
+    fuse_reply_err(req, EIO);
+  }
+}
+
+struct timespec FromSeconds(double s) {
+  struct timespec ts {};
+  ts.tv_sec = static_cast<time_t>(s);
+  ts.tv_nsec = static_cast<long>((s - static_cast<double>(ts.tv_sec)) * 1e9);
+  return ts;
+}
+
+}  // namespace
+
+struct CbwFs::ControlHandle {
+  std::mutex mu;
+  std::string stream;    // every response given on this open, in order
+  uint64_t written = 0;  // bytes of successful writes on this open
+};
+
+struct CbwFs::JobHandle {
+  std::mutex mu;
+  std::string id;
+  std::string snapshot;  // the record as of the last read at offset 0
+};
+
+struct CbwFs::DirHandle {
+  struct Entry {
+    std::string name;
+    fuse_ino_t ino;
+    mode_t mode;
+  };
+  std::vector<Entry> entries;
+};
+
+// Guarded by CbwFs::mu_ (events are few; one lock keeps parking simple).
+struct CbwFs::EventsHandle {
+  CbwFs* fs = nullptr;
+  uint64_t token = 0;
+  std::string backlog;
+  uint64_t dropped = 0;
+  struct Parked {
+    fuse_req_t req;
+    size_t size;
+  };
+  std::deque<Parked> parked;
+  fuse_pollhandle* poll = nullptr;
+};
+
+namespace {
+
+// Interrupt of a parked events read: libfuse may call this while the request
+// is still being parked, or later from another thread. It only answers a
+// request it finds parked, under the lock that parking and delivery take.
+void OnEventsInterrupt(fuse_req_t req, void* data);
+
+}  // namespace
+
+CbwFs::CbwFs(backup::JobRegistry* registry, backup::EventBus* bus,
+             control::Dispatcher* dispatcher, Config config)
+    : registry_(registry), bus_(bus), dispatcher_(dispatcher), config_(config) {
+  clock_gettime(CLOCK_REALTIME, &mount_time_);
+}
+
+CbwFs::~CbwFs() { Shutdown(); }
+
+void CbwFs::Shutdown() {
+  std::vector<fuse_req_t> to_end;
+  {
+    std::lock_guard lock(mu_);
+    shut_down_ = true;
+    for (EventsHandle* h : events_handles_) {
+      for (auto& p : h->parked) to_end.push_back(p.req);
+      h->parked.clear();
+    }
+  }
+  for (fuse_req_t r : to_end) fuse_reply_buf(r, nullptr, 0);
+}
+
+CbwFs::Node CbwFs::Resolve(fuse_ino_t ino) const {
+  Node n;
+  switch (ino) {
+    case kRootIno: n.kind = Kind::kRoot; return n;
+    case kControlIno: n.kind = Kind::kControl; return n;
+    case kEventsIno: n.kind = Kind::kEvents; return n;
+    case kJobsIno: n.kind = Kind::kJobsDir; return n;
+    case kSnapshotsIno: n.kind = Kind::kSnapshotsDir; return n;
+    default: break;
+  }
+  if (ino >= kFirstDriveIno && ino < kFirstDriveIno + registry_->drives().size()) {
+    n.kind = Kind::kDrive;
+    n.drive = ino - kFirstDriveIno;
+    return n;
+  }
+  if (ino >= kJobInoBase) {
+    std::lock_guard lock(mu_);
+    auto it = ino_names_.find(ino);
+    if (it != ino_names_.end()) {
+      n.kind = ino >= kViewInoBase ? Kind::kView : Kind::kJob;
+      n.name = it->second;
+    }
+  }
+  return n;
+}
+
+fuse_ino_t CbwFs::DynamicIno(Kind kind, const std::string& name) {
+  std::lock_guard lock(mu_);
+  auto& map = kind == Kind::kJob ? job_inos_ : view_inos_;
+  auto [it, inserted] = map.emplace(name, 0);
+  if (inserted) it->second = next_serial_++;
+  fuse_ino_t ino = (kind == Kind::kJob ? kJobInoBase : kViewInoBase) + it->second;
+  ino_names_[ino] = name;
+  return ino;
+}
+
+bool CbwFs::Stat(fuse_ino_t ino, struct stat* st) const {
+  *st = {};
+  st->st_ino = ino;
+  st->st_uid = config_.uid;
+  st->st_gid = config_.gid;
+  st->st_blksize = 4096;
+  st->st_atim = st->st_mtim = st->st_ctim = mount_time_;
+  Node n = Resolve(ino);
+  switch (n.kind) {
+    case Kind::kNone:
+      return false;
+    case Kind::kRoot:
+      st->st_mode = S_IFDIR | 0755;
+      st->st_nlink = 4;
+      return true;
+    case Kind::kJobsDir:
+      st->st_mode = S_IFDIR | 0755;  // writable by the owner: `rm jobs/<id>`
+      st->st_nlink = 2;
+      return true;
+    case Kind::kSnapshotsDir:
+      st->st_mode = S_IFDIR | 0555;
+      st->st_nlink = 2;
+      return true;
+    case Kind::kControl:
+      st->st_mode = S_IFREG | 0600;
+      st->st_nlink = 1;
+      return true;
+    case Kind::kEvents:
+      st->st_mode = S_IFREG | 0444;
+      st->st_nlink = 1;
+      return true;
+    case Kind::kDrive: {
+      backup::Drive* d = registry_->drives()[n.drive];
+      struct stat src {};
+      if (fstat(d->fd(), &src) == 0) {
+        st->st_atim = src.st_atim;
+        st->st_mtim = src.st_mtim;
+        st->st_ctim = src.st_ctim;
+      }
+      st->st_mode = S_IFREG | (d->readonly() ? 0400 : 0600);
+      st->st_nlink = 1;
+      st->st_size = static_cast<off_t>(d->size());
+      st->st_blocks = static_cast<blkcnt_t>(d->AllocatedBytes() / 512);
+      st->st_blksize = static_cast<blksize_t>(std::min<uint64_t>(config_.cluster_size, 1 << 20));
+      return true;
+    }
+    case Kind::kJob: {
+      auto info = registry_->GetJobFile(n.name);
+      if (!info) return false;
+      st->st_mode = S_IFREG | 0444;
+      st->st_nlink = 1;
+      st->st_size = static_cast<off_t>(control::RenderJobFile(*info).size());
+      st->st_ctim = st->st_atim = FromSeconds(info->started);
+      st->st_mtim = FromSeconds(info->finished.value_or(info->started));
+      return true;
+    }
+    case Kind::kView: {
+      auto size = registry_->SnapshotSize(n.name);
+      if (!size) return false;
+      st->st_mode = S_IFREG | 0400;
+      st->st_nlink = 1;
+      st->st_size = static_cast<off_t>(*size);
+      return true;
+    }
+  }
+  return false;
+}
+
+void CbwFs::ReplyEntry(fuse_req_t req, fuse_ino_t ino, double timeout) {
+  fuse_entry_param e{};
+  if (!Stat(ino, &e.attr)) {
+    fuse_reply_err(req, ENOENT);
+    return;
+  }
+  e.ino = ino;
+  e.attr_timeout = timeout;
+  e.entry_timeout = timeout;
+  fuse_reply_entry(req, &e);
+}
+
+void CbwFs::Init(fuse_conn_info* conn) {
+  // Writeback caching would acknowledge drive writes before cbwfs sees them:
+  // the point in time and break-guest-write would be lost.
+  conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+  // Every write passes through cbwfs, so the kernel's cached pages stay true;
+  // do not drop them because mtime moved.
+  conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+  if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC) conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
+  if (conn->capable & FUSE_CAP_SPLICE_WRITE) conn->want |= FUSE_CAP_SPLICE_WRITE;
+  if (conn->capable & FUSE_CAP_SPLICE_MOVE) conn->want |= FUSE_CAP_SPLICE_MOVE;
+  backup::LogDebug("FUSE init: max_write " + std::to_string(conn->max_write) + ", max_read " +
+                   std::to_string(conn->max_read) + ", max_readahead " +
+                   std::to_string(conn->max_readahead));
+  if (on_init_) on_init_();
+}
+
+void CbwFs::Lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  std::string_view n(name);
+  if (parent == kRootIno) {
+    if (n == "control") return ReplyEntry(req, kControlIno, kFixedTimeout);
+    if (n == "events") return ReplyEntry(req, kEventsIno, kFixedTimeout);
+    if (n == "jobs") return ReplyEntry(req, kJobsIno, kFixedTimeout);
+    if (n == "snapshots") return ReplyEntry(req, kSnapshotsIno, kFixedTimeout);
+    const auto& drives = registry_->drives();
+    for (size_t i = 0; i < drives.size(); ++i) {
+      if (drives[i]->name() == n) return ReplyEntry(req, kFirstDriveIno + i, kFixedTimeout);
+    }
+  } else if (parent == kJobsIno) {
+    if (registry_->GetJobFile(std::string(n))) {
+      return ReplyEntry(req, DynamicIno(Kind::kJob, std::string(n)), kDynamicTimeout);
+    }
+  } else if (parent == kSnapshotsIno) {
+    if (registry_->SnapshotSize(std::string(n))) {
+      return ReplyEntry(req, DynamicIno(Kind::kView, std::string(n)), kDynamicTimeout);
+    }
+  } else if (Resolve(parent).kind != Kind::kRoot) {
+    return (void)fuse_reply_err(req, ENOTDIR);
+  }
+  // A negative entry with zero timeout: nothing is cached, so a job file that
+  // appears a moment later is found.
+  fuse_entry_param e{};
+  fuse_reply_entry(req, &e);
+}
+
+void CbwFs::GetAttr(fuse_req_t req, fuse_ino_t ino) {
+  struct stat st {};
+  if (!Stat(ino, &st)) return (void)fuse_reply_err(req, ENOENT);
+  Kind k = Resolve(ino).kind;
+  fuse_reply_attr(req, &st, k == Kind::kJob || k == Kind::kView ? kDynamicTimeout : kFixedTimeout);
+}
+
+void CbwFs::SetAttr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set) {
+  Node n = Resolve(ino);
+  struct stat st {};
+  if (!Stat(ino, &st)) return (void)fuse_reply_err(req, ENOENT);
+  if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
+    return (void)fuse_reply_err(req, EPERM);
+  }
+  if (to_set & FUSE_SET_ATTR_SIZE) {
+    if (n.kind == Kind::kDrive) {
+      // A drive is a fixed-size device: only its own size is a valid "truncate".
+      if (static_cast<uint64_t>(attr->st_size) != registry_->drives()[n.drive]->size()) {
+        return (void)fuse_reply_err(req, EPERM);
+      }
+      if (registry_->drives()[n.drive]->readonly()) return (void)fuse_reply_err(req, EROFS);
+    } else if (n.kind != Kind::kControl || attr->st_size != 0) {
+      return (void)fuse_reply_err(req, EPERM);
+    }
+  }
+  // Times are accepted and ignored (touch works); the source keeps its own.
+  fuse_reply_attr(req, &st, kFixedTimeout);
+}
+
+void CbwFs::Open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Node n = Resolve(ino);
+  int acc = fi->flags & O_ACCMODE;
+  switch (n.kind) {
+    case Kind::kDrive: {
+      backup::Drive* d = registry_->drives()[n.drive];
+      if (acc != O_RDONLY && d->readonly()) return (void)fuse_reply_err(req, EROFS);
+      // O_TRUNC is ignored, as for a block device. Reads use the page cache
+      // (every write passes through cbwfs, so it stays true).
+      fi->keep_cache = 1;
+      break;
+    }
+    case Kind::kControl: {
+      fi->direct_io = 1;
+      fi->fh = reinterpret_cast<uint64_t>(new ControlHandle());
+      break;
+    }
+    case Kind::kEvents: {
+      if (acc != O_RDONLY) return (void)fuse_reply_err(req, EACCES);
+      auto* h = new EventsHandle();
+      h->fs = this;
+      {
+        std::lock_guard lock(mu_);
+        events_handles_.insert(h);
+      }
+      h->token = bus_->Subscribe([this, h](const backup::Event& ev) {
+        std::string line = control::RenderEvent(ev);
+        std::vector<std::pair<fuse_req_t, std::string>> replies;
+        fuse_pollhandle* ph = nullptr;
+        {
+          std::lock_guard lock(mu_);
+          if (h->backlog.size() + line.size() > kEventsBacklogBytes) {
+            ++h->dropped;
+          } else {
+            if (h->dropped) {
+              h->backlog += control::RenderEventsDropped(h->dropped);
+              h->dropped = 0;
+            }
+            h->backlog += line;
+          }
+          while (!h->parked.empty() && !h->backlog.empty()) {
+            auto p = h->parked.front();
+            h->parked.pop_front();
+            size_t take = std::min(p.size, h->backlog.size());
+            replies.emplace_back(p.req, h->backlog.substr(0, take));
+            h->backlog.erase(0, take);
+          }
+          ph = std::exchange(h->poll, nullptr);
+        }
+        for (auto& [r, data] : replies) fuse_reply_buf(r, data.data(), data.size());
+        if (ph) {
+          fuse_lowlevel_notify_poll(ph);
+          fuse_pollhandle_destroy(ph);
+        }
+      });
+      fi->direct_io = 1;
+      fi->nonseekable = 1;
+      fi->fh = reinterpret_cast<uint64_t>(h);
+      break;
+    }
+    case Kind::kJob: {
+      if (acc != O_RDONLY) return (void)fuse_reply_err(req, EACCES);
+      auto info = registry_->GetJobFile(n.name);
+      if (!info) return (void)fuse_reply_err(req, ENOENT);
+      auto* h = new JobHandle();
+      h->id = n.name;
+      h->snapshot = control::RenderJobFile(*info);
+      fi->direct_io = 1;
+      fi->fh = reinterpret_cast<uint64_t>(h);
+      break;
+    }
+    case Kind::kView: {
+      if (acc != O_RDONLY) return (void)fuse_reply_err(req, EACCES);
+      if (!registry_->SnapshotSize(n.name)) return (void)fuse_reply_err(req, ENOENT);
+      fi->direct_io = 1;
+      fi->fh = reinterpret_cast<uint64_t>(new JobHandle{{}, n.name, {}});
+      break;
+    }
+    case Kind::kRoot:
+    case Kind::kJobsDir:
+    case Kind::kSnapshotsDir:
+      return (void)fuse_reply_err(req, EISDIR);
+    case Kind::kNone:
+      return (void)fuse_reply_err(req, ENOENT);
+  }
+  if (fuse_reply_open(req, fi) == -ENOENT) {
+    // The opener was interrupted; there will be no release for this open.
+    Release(nullptr, ino, fi);
+  }
+}
+
+void CbwFs::Read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
+  Node n = Resolve(ino);
+  switch (n.kind) {
+    case Kind::kDrive: {
+      backup::Drive* d = registry_->drives()[n.drive];
+      uint64_t uoff = static_cast<uint64_t>(off);
+      if (uoff >= d->size()) return (void)fuse_reply_buf(req, nullptr, 0);
+      size = static_cast<size_t>(std::min<uint64_t>(size, d->size() - uoff));
+      // Zero-copy: libfuse splices straight from the source fd when it can.
+      fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
+      buf.buf[0].flags = static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
+      buf.buf[0].fd = d->fd();
+      buf.buf[0].pos = off;
+      fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+      return;
+    }
+    case Kind::kControl: {
+      auto* h = reinterpret_cast<ControlHandle*>(fi->fh);
+      std::string data;
+      {
+        std::lock_guard lock(h->mu);
+        if (h->stream.empty()) {
+          std::lock_guard l2(mu_);
+          data = last_reply_;
+        } else {
+          data = h->stream;
+        }
+        uint64_t pos = static_cast<uint64_t>(off) > h->written ? off - h->written : 0;
+        if (h->stream.empty()) pos = static_cast<uint64_t>(off);
+        if (pos >= data.size()) {
+          data.clear();
+        } else {
+          data = data.substr(pos, size);
+        }
+      }
+      fuse_reply_buf(req, data.data(), data.size());
+      return;
+    }
+    case Kind::kEvents: {
+      auto* h = reinterpret_cast<EventsHandle*>(fi->fh);
+      // Register for interrupts before parking: libfuse calls the function at
+      // once if the request is already interrupted, and it must find the
+      // request either not yet parked (then we see fuse_req_interrupted) or
+      // parked (then it answers EINTR itself).
+      bool nonblock = fi->flags & O_NONBLOCK;
+      if (!nonblock) fuse_req_interrupt_func(req, OnEventsInterrupt, this);
+      std::string data;
+      int err = 0;
+      bool eof = false;
+      {
+        std::lock_guard lock(mu_);
+        if (h->backlog.empty() && h->dropped) {
+          h->backlog = control::RenderEventsDropped(h->dropped);
+          h->dropped = 0;
+        }
+        if (!h->backlog.empty()) {
+          data = h->backlog.substr(0, size);
+          h->backlog.erase(0, data.size());
+        } else if (shut_down_) {
+          eof = true;
+        } else if (nonblock) {
+          err = EAGAIN;
+        } else if (fuse_req_interrupted(req)) {
+          err = EINTR;
+        } else {
+          h->parked.push_back({req, size});
+          return;
+        }
+      }
+      if (err) return (void)fuse_reply_err(req, err);
+      if (eof) return (void)fuse_reply_buf(req, nullptr, 0);
+      fuse_reply_buf(req, data.data(), data.size());
+      return;
+    }
+    case Kind::kJob: {
+      auto* h = reinterpret_cast<JobHandle*>(fi->fh);
+      std::string data;
+      {
+        std::lock_guard lock(h->mu);
+        if (off == 0) {
+          if (auto info = registry_->GetJobFile(h->id)) h->snapshot = control::RenderJobFile(*info);
+        }
+        if (static_cast<uint64_t>(off) < h->snapshot.size()) data = h->snapshot.substr(off, size);
+      }
+      fuse_reply_buf(req, data.data(), data.size());
+      return;
+    }
+    case Kind::kView: {
+      auto* h = reinterpret_cast<JobHandle*>(fi->fh);
+      std::vector<char> buf(size);
+      auto r = registry_->ReadSnapshot(h->id, buf.data(), size, static_cast<uint64_t>(off));
+      if (!r.ok()) {
+        // An ended view reads as EIO for readers that still have it open.
+        int e = r.status().code();
+        return (void)fuse_reply_err(req, e == ENOENT ? EIO : e);
+      }
+      fuse_reply_buf(req, buf.data(), *r);
+      return;
+    }
+    default:
+      fuse_reply_err(req, EISDIR);
+  }
+}
+
+namespace {
+void OnEventsInterrupt(fuse_req_t req, void* data) {
+  auto* fs = static_cast<CbwFs*>(data);
+  fs->AnswerInterrupted(req);
+}
+}  // namespace
+
+void CbwFs::AnswerInterrupted(fuse_req_t req) {
+  bool found = false;
+  {
+    std::lock_guard lock(mu_);
+    for (EventsHandle* h : events_handles_) {
+      auto it = std::find_if(h->parked.begin(), h->parked.end(),
+                             [req](const EventsHandle::Parked& p) { return p.req == req; });
+      if (it != h->parked.end()) {
+        h->parked.erase(it);
+        found = true;
+        break;
+      }
+    }
+  }
+  if (found) fuse_reply_err(req, EINTR);
+}
+
+void CbwFs::Write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off,
+                  fuse_file_info* fi) {
+  Node n = Resolve(ino);
+  if (n.kind == Kind::kDrive) {
+    auto r = registry_->drives()[n.drive]->Write(buf, size, static_cast<uint64_t>(off));
+    if (!r.ok()) return (void)fuse_reply_err(req, r.status().code());
+    fuse_reply_write(req, *r);
+    return;
+  }
+  if (n.kind != Kind::kControl) return (void)fuse_reply_err(req, EBADF);
+  // Only the mounting user (or root) drives jobs, even with allow_other.
+  const fuse_ctx* ctx = fuse_req_ctx(req);
+  if (ctx->uid != 0 && ctx->uid != config_.uid) return (void)fuse_reply_err(req, EACCES);
+
+  auto* h = reinterpret_cast<ControlHandle*>(fi->fh);
+  std::lock_guard lock(h->mu);  // the commands of one open run in write order
+  control::WriteOutcome out = dispatcher_->Execute(std::string_view(buf, size));
+  h->stream += out.responses.empty() && out.error ? out.last_reply : out.responses;
+  if (out.error == 0) h->written += size;
+  if (!out.last_reply.empty()) {
+    std::lock_guard l2(mu_);
+    last_reply_ = out.last_reply;
+  }
+  if (out.error) return (void)fuse_reply_err(req, out.error);
+  fuse_reply_write(req, size);
+}
+
+void CbwFs::Release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  switch (Resolve(ino).kind) {
+    case Kind::kControl:
+      delete reinterpret_cast<ControlHandle*>(fi->fh);
+      break;
+    case Kind::kEvents: {
+      auto* h = reinterpret_cast<EventsHandle*>(fi->fh);
+      // After Unsubscribe returns no delivery runs for h (the bus holds its
+      // lock while delivering).
+      bus_->Unsubscribe(h->token);
+      std::vector<fuse_req_t> left;
+      fuse_pollhandle* ph = nullptr;
+      {
+        std::lock_guard lock(mu_);
+        events_handles_.erase(h);
+        for (auto& p : h->parked) left.push_back(p.req);
+        ph = h->poll;
+      }
+      for (fuse_req_t r : left) fuse_reply_err(r, EINTR);
+      if (ph) fuse_pollhandle_destroy(ph);
+      delete h;
+      break;
+    }
+    case Kind::kJob:
+    case Kind::kView:
+      delete reinterpret_cast<JobHandle*>(fi->fh);
+      break;
+    default:
+      break;
+  }
+  if (req) fuse_reply_err(req, 0);
+}
+
+void CbwFs::Fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info* fi) {
+  Node n = Resolve(ino);
+  if (n.kind != Kind::kDrive) return (void)fuse_reply_err(req, 0);
+  backup::Status s = registry_->drives()[n.drive]->Flush(datasync != 0);
+  fuse_reply_err(req, s.ok() ? 0 : s.code());
+}
+
+void CbwFs::OpenDir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Node n = Resolve(ino);
+  auto dh = std::make_unique<DirHandle>();
+  dh->entries.push_back({".", ino, S_IFDIR});
+  dh->entries.push_back({"..", kRootIno, S_IFDIR});
+  switch (n.kind) {
+    case Kind::kRoot: {
+      const auto& drives = registry_->drives();
+      for (size_t i = 0; i < drives.size(); ++i) {
+        dh->entries.push_back({drives[i]->name(), kFirstDriveIno + i, S_IFREG});
+      }
+      dh->entries.push_back({"control", kControlIno, S_IFREG});
+      dh->entries.push_back({"events", kEventsIno, S_IFREG});
+      dh->entries.push_back({"jobs", kJobsIno, S_IFDIR});
+      dh->entries.push_back({"snapshots", kSnapshotsIno, S_IFDIR});
+      break;
+    }
+    case Kind::kJobsDir:
+      for (const auto& info : registry_->JobFiles()) {
+        dh->entries.push_back({info.id, DynamicIno(Kind::kJob, info.id), S_IFREG});
+      }
+      break;
+    case Kind::kSnapshotsDir:
+      for (const auto& id : registry_->SnapshotIds()) {
+        dh->entries.push_back({id, DynamicIno(Kind::kView, id), S_IFREG});
+      }
+      break;
+    case Kind::kNone:
+      return (void)fuse_reply_err(req, ENOENT);
+    default:
+      return (void)fuse_reply_err(req, ENOTDIR);
+  }
+  fi->fh = reinterpret_cast<uint64_t>(dh.get());
+  if (fuse_reply_open(req, fi) == 0) dh.release();
+}
+
+void CbwFs::ReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
+  auto* dh = reinterpret_cast<DirHandle*>(fi->fh);
+  std::vector<char> buf(size);
+  size_t used = 0;
+  for (size_t i = static_cast<size_t>(off); i < dh->entries.size(); ++i) {
+    const auto& e = dh->entries[i];
+    struct stat st {};
+    st.st_ino = e.ino;
+    st.st_mode = e.mode;
+    size_t need = fuse_add_direntry(req, buf.data() + used, size - used, e.name.c_str(), &st,
+                                    static_cast<off_t>(i + 1));
+    if (need > size - used) break;
+    used += need;
+  }
+  fuse_reply_buf(req, buf.data(), used);
+}
+
+void CbwFs::ReleaseDir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  delete reinterpret_cast<DirHandle*>(fi->fh);
+  fuse_reply_err(req, 0);
+}
+
+void CbwFs::Unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  if (parent != kJobsIno) return (void)fuse_reply_err(req, EPERM);
+  backup::Status s = registry_->RemoveJobFile(name);
+  if (s.ok()) return (void)fuse_reply_err(req, 0);
+  fuse_reply_err(req, s.code() == ESRCH ? ENOENT : s.code());
+}
+
+void CbwFs::Fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len,
+                      fuse_file_info* fi) {
+  Node n = Resolve(ino);
+  if (n.kind != Kind::kDrive) return (void)fuse_reply_err(req, EOPNOTSUPP);
+  backup::Drive* d = registry_->drives()[n.drive];
+  if (d->readonly()) return (void)fuse_reply_err(req, EROFS);
+  if (off < 0 || len <= 0) return (void)fuse_reply_err(req, EINVAL);
+  uint64_t uoff = static_cast<uint64_t>(off), ulen = static_cast<uint64_t>(len);
+  backup::Status s;
+  if (mode == (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)) {
+    s = d->PunchHole(uoff, ulen);
+  } else if ((mode & ~FALLOC_FL_KEEP_SIZE) == FALLOC_FL_ZERO_RANGE) {
+    // Without KEEP_SIZE a zeroing may not reach past the end of the device.
+    if (!(mode & FALLOC_FL_KEEP_SIZE) && uoff + ulen > d->size()) {
+      return (void)fuse_reply_err(req, ENOSPC);
+    }
+    s = d->ZeroRange(uoff, ulen);
+  } else {
+    return (void)fuse_reply_err(req, EOPNOTSUPP);
+  }
+  fuse_reply_err(req, s.ok() ? 0 : s.code());
+}
+
+void CbwFs::Lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, fuse_file_info* fi) {
+  if (whence != SEEK_DATA && whence != SEEK_HOLE) return (void)fuse_reply_err(req, EINVAL);
+  if (off < 0) return (void)fuse_reply_err(req, ENXIO);
+  Node n = Resolve(ino);
+  backup::Result<uint64_t> r = backup::Status::Error(EINVAL, "");
+  if (n.kind == Kind::kDrive) {
+    r = registry_->drives()[n.drive]->Seek(static_cast<uint64_t>(off), whence);
+  } else if (n.kind == Kind::kView) {
+    r = registry_->SeekSnapshot(n.name, static_cast<uint64_t>(off), whence);
+  }
+  if (!r.ok()) return (void)fuse_reply_err(req, r.status().code());
+  fuse_reply_lseek(req, static_cast<off_t>(*r));
+}
+
+void CbwFs::Poll(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi, fuse_pollhandle* ph) {
+  if (Resolve(ino).kind != Kind::kEvents) {
+    if (ph) fuse_pollhandle_destroy(ph);
+    return (void)fuse_reply_poll(req, POLLIN | POLLOUT);
+  }
+  auto* h = reinterpret_cast<EventsHandle*>(fi->fh);
+  unsigned revents = 0;
+  fuse_pollhandle* old = nullptr;
+  {
+    std::lock_guard lock(mu_);
+    if (!h->backlog.empty() || h->dropped || shut_down_) revents = POLLIN;
+    if (ph) old = std::exchange(h->poll, ph);
+  }
+  if (old) fuse_pollhandle_destroy(old);
+  fuse_reply_poll(req, revents);
+}
+
+void CbwFs::StatFs(fuse_req_t req, fuse_ino_t ino) {
+  struct statvfs sv {};
+  uint64_t total = 0;
+  for (backup::Drive* d : registry_->drives()) total += d->size();
+  sv.f_bsize = sv.f_frsize = 4096;
+  sv.f_blocks = total / 4096;
+  sv.f_namemax = 255;
+  fuse_reply_statfs(req, &sv);
+}
+
+namespace {
+
+// C trampolines: each op reaches its CbwFs through fuse_req_userdata.
+const fuse_lowlevel_ops kOps = [] {
+  fuse_lowlevel_ops o{};
+  o.init = [](void* ud, fuse_conn_info* c) { static_cast<CbwFs*>(ud)->Init(c); };
+  o.lookup = [](fuse_req_t r, fuse_ino_t p, const char* n) {
+    Guard(r, [&] { Self(r)->Lookup(r, p, n); });
+  };
+  o.forget = [](fuse_req_t r, fuse_ino_t, uint64_t) { fuse_reply_none(r); };
+  o.forget_multi = [](fuse_req_t r, size_t, fuse_forget_data*) { fuse_reply_none(r); };
+  o.getattr = [](fuse_req_t r, fuse_ino_t i, fuse_file_info*) {
+    Guard(r, [&] { Self(r)->GetAttr(r, i); });
+  };
+  o.setattr = [](fuse_req_t r, fuse_ino_t i, struct stat* a, int s, fuse_file_info*) {
+    Guard(r, [&] { Self(r)->SetAttr(r, i, a, s); });
+  };
+  o.open = [](fuse_req_t r, fuse_ino_t i, fuse_file_info* f) {
+    Guard(r, [&] { Self(r)->Open(r, i, f); });
+  };
+  o.read = [](fuse_req_t r, fuse_ino_t i, size_t s, off_t off, fuse_file_info* f) {
+    Guard(r, [&] { Self(r)->Read(r, i, s, off, f); });
+  };
+  o.write = [](fuse_req_t r, fuse_ino_t i, const char* b, size_t s, off_t off,
+               fuse_file_info* f) { Guard(r, [&] { Self(r)->Write(r, i, b, s, off, f); }); };
+  o.flush = [](fuse_req_t r, fuse_ino_t, fuse_file_info*) { fuse_reply_err(r, 0); };
+  o.release = [](fuse_req_t r, fuse_ino_t i, fuse_file_info* f) {
+    Guard(r, [&] { Self(r)->Release(r, i, f); });
+  };
+  o.fsync = [](fuse_req_t r, fuse_ino_t i, int d, fuse_file_info* f) {
+    Guard(r, [&] { Self(r)->Fsync(r, i, d, f); });
+  };
+  o.opendir = [](fuse_req_t r, fuse_ino_t i, fuse_file_info* f) {
+    Guard(r, [&] { Self(r)->OpenDir(r, i, f); });
+  };
+  o.readdir = [](fuse_req_t r, fuse_ino_t i, size_t s, off_t off, fuse_file_info* f) {
+    Guard(r, [&] { Self(r)->ReadDir(r, i, s, off, f); });
+  };
+  o.releasedir = [](fuse_req_t r, fuse_ino_t i, fuse_file_info* f) {
+    Guard(r, [&] { Self(r)->ReleaseDir(r, i, f); });
+  };
+  o.fsyncdir = [](fuse_req_t r, fuse_ino_t, int, fuse_file_info*) { fuse_reply_err(r, 0); };
+  o.unlink = [](fuse_req_t r, fuse_ino_t p, const char* n) {
+    Guard(r, [&] { Self(r)->Unlink(r, p, n); });
+  };
+  o.fallocate = [](fuse_req_t r, fuse_ino_t i, int m, off_t off, off_t len, fuse_file_info* f) {
+    Guard(r, [&] { Self(r)->Fallocate(r, i, m, off, len, f); });
+  };
+  o.lseek = [](fuse_req_t r, fuse_ino_t i, off_t off, int w, fuse_file_info* f) {
+    Guard(r, [&] { Self(r)->Lseek(r, i, off, w, f); });
+  };
+  o.poll = [](fuse_req_t r, fuse_ino_t i, fuse_file_info* f, fuse_pollhandle* ph) {
+    Guard(r, [&] { Self(r)->Poll(r, i, f, ph); });
+  };
+  o.statfs = [](fuse_req_t r, fuse_ino_t i) { Guard(r, [&] { Self(r)->StatFs(r, i); }); };
+  return o;
+}();
+
+}  // namespace
+
+const fuse_lowlevel_ops& CbwFs::Ops() { return kOps; }
+
+}  // namespace cbw::fs

@@ -1,0 +1,139 @@
+// cbwfs: the composition root. Parses the command line, opens the drives,
+// wires engine, control plane and FUSE edge together, mounts, optionally
+// detaches, runs the multithreaded FUSE loop, and tears down in order.
+#define FUSE_USE_VERSION 314
+#include <fuse_lowlevel.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backup/drive.h"
+#include "backup/event_bus.h"
+#include "backup/job_registry.h"
+#include "backup/log.h"
+#include "control/dispatcher.h"
+#include "fs/cbw_fs.h"
+#include "fs/options.h"
+#include "fs/session.h"
+
+namespace {
+
+using cbw::backup::LogError;
+using cbw::backup::LogInfo;
+
+int Fail(const std::string& msg) {
+  LogError(msg);
+  return 1;
+}
+
+int Run(int argc, char** argv) {
+  auto parsed = cbw::fs::ParseOptions(argc, argv);
+  if (!parsed.ok()) {
+    std::cerr << "cbwfs: " << parsed.status().message() << "\n"
+              << "Try 'cbwfs --help' for more information.\n";
+    return 2;
+  }
+  cbw::fs::Options opts = std::move(parsed).value();
+  if (opts.help) {
+    std::cout << cbw::fs::UsageText();
+    return 0;
+  }
+  if (opts.version) {
+    std::cout << "cbwfs " << CBWFS_VERSION << " (libfuse " << fuse_pkgversion() << ")\n";
+    return 0;
+  }
+  cbw::backup::SetLogLevel(opts.log_level);
+
+  // The mountpoint, resolved now: targets under it are refused by path.
+  struct stat mst {};
+  if (stat(opts.mountpoint.c_str(), &mst) != 0) {
+    int e = errno;
+    if (e == ENOTCONN) {
+      return Fail("mountpoint '" + opts.mountpoint +
+                  "': a dead cbwfs left its mount behind (" + std::strerror(e) +
+                  "); run 'fusermount3 -uz " + opts.mountpoint + "' first");
+    }
+    return Fail("mountpoint '" + opts.mountpoint + "': " + std::strerror(e));
+  }
+  if (!S_ISDIR(mst.st_mode)) {
+    return Fail("mountpoint '" + opts.mountpoint + "': " + std::strerror(ENOTDIR));
+  }
+  char real[PATH_MAX];
+  if (!realpath(opts.mountpoint.c_str(), real)) {
+    return Fail("mountpoint '" + opts.mountpoint + "': " + std::strerror(errno));
+  }
+  char cwd[PATH_MAX];
+  if (!getcwd(cwd, sizeof cwd)) return Fail(std::string("getcwd: ") + std::strerror(errno));
+
+  std::vector<std::unique_ptr<cbw::backup::Drive>> drives;
+  std::vector<cbw::backup::Drive*> drive_ptrs;
+  for (const auto& dc : opts.drives) {
+    auto d = cbw::backup::Drive::Open(dc);
+    if (!d.ok()) return Fail("drive '" + dc.name + "': " + d.status().message());
+    drive_ptrs.push_back(d->get());
+    drives.push_back(std::move(d).value());
+  }
+
+  cbw::backup::EventBus bus;
+  cbw::backup::RegistryOptions ropts;
+  ropts.cluster_size = opts.cluster_size;
+  ropts.mountpoint = real;
+  ropts.base_dir = cwd;
+  ropts.state_dir = opts.state_dir;
+  if (!ropts.state_dir.empty() && ropts.state_dir[0] != '/') {
+    ropts.state_dir = std::string(cwd) + "/" + ropts.state_dir;
+  }
+  cbw::backup::JobRegistry registry(drive_ptrs, &bus, ropts);
+  cbw::control::Dispatcher dispatcher(&registry);
+  cbw::fs::CbwFs::Config fcfg;
+  fcfg.uid = getuid();
+  fcfg.gid = getgid();
+  fcfg.cluster_size = opts.cluster_size;
+  cbw::fs::CbwFs fs(&registry, &bus, &dispatcher, fcfg);
+
+  cbw::fs::Session session(&fs, opts.mount_options);
+  cbw::backup::Status s = session.Mount(real);
+  if (!s.ok()) return Fail(s.message());
+
+  if (!opts.foreground) {
+    s = session.Daemonize();
+    if (!s.ok()) return Fail(s.message());
+    // Only the detached child gets here; the parent exited in Daemonize.
+  }
+  LogInfo(std::string("mounted on ") + real);
+  s = session.Loop();
+  // Teardown order: stop jobs (their events still reach open readers), end
+  // parked reads, unmount, then the drives are flushed and closed as they go
+  // out of scope.
+  registry.Shutdown();
+  fs.Shutdown();
+  session.Unmount();
+  for (auto* d : drive_ptrs) {
+    auto fr = d->Flush(false);
+    if (!fr.ok()) LogError(fr.message());
+  }
+  if (!s.ok()) return Fail(s.message());
+  LogInfo("unmounted cleanly");
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return Run(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "cbwfs: " << e.what() << "\n";
+    return 1;
+  }
+}

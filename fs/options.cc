@@ -1,0 +1,199 @@
+#include "fs/options.h"
+
+#include <boost/program_options.hpp>
+#include <cctype>
+#include <set>
+#include <sstream>
+
+namespace cbw::fs {
+namespace po = boost::program_options;
+using backup::Status;
+
+namespace {
+
+const std::set<std::string> kReservedNames = {"control", "events", "jobs", "snapshots"};
+
+po::options_description Describe() {
+  po::options_description d("Options");
+  d.add_options()                                                               //
+      ("drive", po::value<std::vector<std::string>>()->composing(),             //
+       "NAME=PATH[,readonly=on]: a source image or block device, shown as MOUNTPOINT/NAME "
+       "(repeatable, at least one)")                                            //
+      ("foreground,f", "stay in the foreground and log to stderr")              //
+      ("o", po::value<std::vector<std::string>>()->composing(),                 //
+       "OPT[,OPT...]: FUSE mount options (e.g. allow_other)")                   //
+      ("cluster-size", po::value<std::string>(),                                //
+       "BYTES: CBW granularity, a power of two from 4K to 16M (default 64K)")   //
+      ("state-dir", po::value<std::string>(), "DIR: where job records are kept across restarts")  //
+      ("log-level", po::value<std::string>(), "error, warn, info (default) or debug")  //
+      ("help,h", "show this help")                                              //
+      ("version,V", "show the version");
+  return d;
+}
+
+Status Usage(const std::string& msg) { return Status::Error(EINVAL, msg); }
+
+}  // namespace
+
+bool IsValidId(const std::string& id) {
+  if (id.empty() || id.size() > 64 || !std::isalpha(static_cast<unsigned char>(id[0]))) return false;
+  for (char c : id) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '.' && c != '_') {
+      return false;
+    }
+  }
+  return true;
+}
+
+bool ParseSize(const std::string& text, uint64_t* bytes) {
+  if (text.empty() || !std::isdigit(static_cast<unsigned char>(text[0]))) return false;
+  size_t pos = 0;
+  uint64_t v = 0;
+  while (pos < text.size() && std::isdigit(static_cast<unsigned char>(text[pos]))) {
+    if (v > (UINT64_MAX - 9) / 10) return false;
+    v = v * 10 + static_cast<uint64_t>(text[pos++] - '0');
+  }
+  std::string suffix = text.substr(pos);
+  uint64_t mult = 1;
+  if (suffix == "K" || suffix == "k") {
+    mult = 1024;
+  } else if (suffix == "M" || suffix == "m") {
+    mult = 1024 * 1024;
+  } else if (!suffix.empty()) {
+    return false;
+  }
+  if (v > UINT64_MAX / mult) return false;
+  *bytes = v * mult;
+  return true;
+}
+
+std::string UsageText() {
+  std::ostringstream out;
+  out << "Usage: cbwfs [OPTIONS] --drive NAME=PATH [--drive NAME=PATH ...] MOUNTPOINT\n\n"
+         "Shows each drive as MOUNTPOINT/NAME behind a copy-before-write interposer and\n"
+         "takes QMP drive-backup commands written into MOUNTPOINT/control.\n\n"
+      << Describe()
+      << "\nUnmount with `fusermount3 -u MOUNTPOINT` or SIGTERM. Exit status: 0 after a clean\n"
+         "unmount, 2 for a usage error, 1 for any other failure.\n";
+  return out.str();
+}
+
+backup::Result<Options> ParseOptions(int argc, char** argv) {
+  po::options_description desc = Describe();
+  po::options_description hidden;
+  hidden.add_options()("mountpoint", po::value<std::vector<std::string>>());
+  po::options_description all;
+  all.add(desc).add(hidden);
+  po::positional_options_description pos;
+  pos.add("mountpoint", -1);
+
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(argc, argv)
+                  .options(all)
+                  .positional(pos)
+                  .style(po::command_line_style::default_style &
+                         ~po::command_line_style::allow_guessing)
+                  .run(),
+              vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    return Usage(e.what());
+  }
+
+  Options o;
+  o.help = vm.count("help") > 0;
+  o.version = vm.count("version") > 0;
+  if (o.help || o.version) return o;
+  o.foreground = vm.count("foreground") > 0;
+
+  if (vm.count("mountpoint")) {
+    const auto& mps = vm["mountpoint"].as<std::vector<std::string>>();
+    if (mps.size() > 1) return Usage("unexpected argument '" + mps[1] + "': one MOUNTPOINT only");
+    o.mountpoint = mps[0];
+  }
+  if (o.mountpoint.empty()) return Usage("missing MOUNTPOINT");
+
+  std::set<std::string> names;
+  if (vm.count("drive")) {
+    for (const std::string& spec : vm["drive"].as<std::vector<std::string>>()) {
+      backup::DriveConfig dc;
+      size_t eq = spec.find('=');
+      if (eq == std::string::npos) {
+        return Usage("--drive '" + spec + "': expected NAME=PATH[,readonly=on]");
+      }
+      dc.name = spec.substr(0, eq);
+      std::string rest = spec.substr(eq + 1);
+      // Trailing ",readonly=on|off"; a path may itself contain commas.
+      for (;;) {
+        size_t comma = rest.rfind(',');
+        if (comma == std::string::npos) break;
+        std::string opt = rest.substr(comma + 1);
+        if (opt == "readonly=on") {
+          dc.readonly = true;
+        } else if (opt == "readonly=off") {
+          dc.readonly = false;
+        } else if (opt.rfind("readonly=", 0) == 0) {
+          return Usage("--drive '" + spec + "': readonly takes on or off");
+        } else {
+          break;
+        }
+        rest.resize(comma);
+      }
+      dc.path = rest;
+      if (!IsValidId(dc.name)) {
+        return Usage("--drive '" + spec + "': invalid drive name '" + dc.name +
+                     "' (a letter, then letters, digits, '-', '.', '_'; at most 64)");
+      }
+      if (kReservedNames.count(dc.name)) {
+        return Usage("--drive '" + spec + "': the name '" + dc.name + "' is reserved");
+      }
+      if (!names.insert(dc.name).second) {
+        return Usage("--drive '" + spec + "': drive name '" + dc.name + "' given twice");
+      }
+      if (dc.path.empty()) return Usage("--drive '" + spec + "': empty PATH");
+      o.drives.push_back(std::move(dc));
+    }
+  }
+  if (o.drives.empty()) return Usage("at least one --drive NAME=PATH is required");
+
+  if (vm.count("o")) {
+    for (const std::string& group : vm["o"].as<std::vector<std::string>>()) {
+      std::stringstream ss(group);
+      std::string opt;
+      while (std::getline(ss, opt, ',')) {
+        if (!opt.empty()) o.mount_options.push_back(opt);
+      }
+    }
+  }
+  if (vm.count("cluster-size")) {
+    const std::string& text = vm["cluster-size"].as<std::string>();
+    uint64_t v = 0;
+    if (!ParseSize(text, &v) || v < 4096 || v > (16u << 20) || (v & (v - 1)) != 0) {
+      return Usage("--cluster-size '" + text +
+                   "': must be a power of two from 4K to 16M (suffixes K, M)");
+    }
+    o.cluster_size = v;
+  }
+  if (vm.count("state-dir")) {
+    o.state_dir = vm["state-dir"].as<std::string>();
+    if (o.state_dir.empty()) return Usage("--state-dir: empty DIR");
+  }
+  if (vm.count("log-level")) {
+    const std::string& l = vm["log-level"].as<std::string>();
+    if (l == "error") {
+      o.log_level = backup::LogLevel::kError;
+    } else if (l == "warn") {
+      o.log_level = backup::LogLevel::kWarn;
+    } else if (l == "info") {
+      o.log_level = backup::LogLevel::kInfo;
+    } else if (l == "debug") {
+      o.log_level = backup::LogLevel::kDebug;
+    } else {
+      return Usage("--log-level '" + l + "': expected error, warn, info or debug");
+    }
+  }
+  return o;
+}
+
+}  // namespace cbw::fs

@@ -1,0 +1,36 @@
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "backup/drive.h"
+#include "backup/log.h"
+#include "backup/status.h"
+
+namespace cbw::fs {
+
+// The parsed command line (SPEC section 1).
+struct Options {
+  std::vector<backup::DriveConfig> drives;
+  std::string mountpoint;
+  bool foreground = false;
+  std::vector<std::string> mount_options;  // -o, split at commas
+  uint64_t cluster_size = 64 * 1024;
+  std::string state_dir;
+  backup::LogLevel log_level = backup::LogLevel::kInfo;
+  bool help = false;
+  bool version = false;
+};
+
+// Parses argv. On a usage error returns EINVAL with a message naming the bad
+// option or value (the caller prints it and exits 2). Pure: touches no files.
+backup::Result<Options> ParseOptions(int argc, char** argv);
+// The --help text.
+std::string UsageText();
+// QMP id rules: a letter, then letters, digits, '-', '.', '_'; at most 64.
+bool IsValidId(const std::string& id);
+// "64K", "1M", "65536" -> bytes; false if malformed.
+bool ParseSize(const std::string& text, uint64_t* bytes);
+
+}  // namespace cbw::fs
