@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what is missing, configures and builds cbwfs from scratch, and runs
+# the whole test suite with ctest.
+#   tests/run.sh           the suite (unit + end-to-end through real FUSE mounts)
+#   tests/run.sh --asan    the same, built with AddressSanitizer + UBSan
+#   tests/run.sh --tsan    the concurrency tests, built with ThreadSanitizer
+#   tests/run.sh --fuzz    the libFuzzer targets (clang), for a bounded time
+# BUILD_DIR overrides the build folder (default: build-test[-asan|-tsan|-fuzz]).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-}
+tests/lib/install-deps.sh
+
+cmake_args=(-G Ninja -DCBW_WERROR=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo)
+ctest_args=(--output-on-failure --timeout 900)
+suffix=""
+case "$mode" in
+  "") ;;
+  --asan) suffix=-asan; cmake_args+=(-DCBW_SANITIZE=ON) ;;
+  --tsan) suffix=-tsan; cmake_args+=(-DCBW_TSAN=ON); ctest_args+=(-L tsan) ;;
+  --fuzz) suffix=-fuzz; cmake_args+=(-DCBW_FUZZ=ON -DCMAKE_CXX_COMPILER=clang++); ctest_args+=(-L fuzz) ;;
+  *) echo "usage: tests/run.sh [--asan|--tsan|--fuzz]" >&2; exit 2 ;;
+esac
+build=${BUILD_DIR:-build-test$suffix}
+rm -rf "$build"
+cmake -S . -B "$build" "${cmake_args[@]}" >/dev/null
+ninja -C "$build"
+export CBW_TEST_MODE=${mode#--}
+ctest --test-dir "$build" "${ctest_args[@]}"
