@@ -1,0 +1,302 @@
+#include "backup/job_registry.h"
+
+#include <algorithm>
+#include <cctype>
+#include <set>
+
+#include "backup/backup_job.h"
+#include "backup/log.h"
+#include "backup/target.h"
+
+namespace cbw::backup {
+
+// Records in creation order. A job id names at most one record; a new job
+// may take the id of a record that QMP no longer lists (it replaces it).
+// Persistence (--state-dir) will hook in here: records are plain JobInfo
+// snapshots once ended.
+struct JobRegistry::State {
+  std::vector<std::shared_ptr<BackupJob>> jobs;
+  bool shut_down = false;
+
+  std::shared_ptr<BackupJob> Find(const std::string& id) const {
+    for (const auto& j : jobs) {
+      if (j->id() == id) return j;
+    }
+    return nullptr;
+  }
+  std::shared_ptr<BackupJob> FindListed(const std::string& id) const {
+    auto j = Find(id);
+    return j && j->listed() ? j : nullptr;
+  }
+};
+
+namespace {
+
+bool ValidJobId(const std::string& id) {
+  if (id.empty() || id.size() > 64) return false;
+  if (!std::isalpha(static_cast<unsigned char>(id[0]))) return false;
+  for (char ch : id) {
+    auto c = static_cast<unsigned char>(ch);
+    if (!(std::isalnum(c) || c == '-' || c == '.' || c == '_')) return false;
+  }
+  return true;
+}
+
+Status JobNotFound() { return Status::Error(ESRCH, "Job not found"); }
+
+}  // namespace
+
+JobRegistry::JobRegistry(std::vector<Drive*> drives, EventBus* bus, RegistryOptions options)
+    : drives_(std::move(drives)),
+      bus_(bus),
+      options_(std::move(options)),
+      state_(std::make_unique<State>()) {}
+
+JobRegistry::~JobRegistry() { Shutdown(); }
+
+Drive* JobRegistry::FindDrive(const std::string& name) const {
+  for (Drive* d : drives_) {
+    if (d->name() == name) return d;
+  }
+  return nullptr;
+}
+
+Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, CompletionMode mode) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (state_->shut_down) return Status::Error(ESHUTDOWN, "Shutting down");
+  if (jobs.empty()) return Status::Error(EINVAL, "No backup to start");
+
+  struct Prepared {
+    BackupOptions options;
+    Drive* drive;
+    OpenedTarget target;
+  };
+  std::vector<Prepared> prepared;
+  // A refused command leaves nothing behind: files created here are removed.
+  auto refuse = [&](Status s) {
+    for (auto& p : prepared) DiscardTarget(p.target);
+    return s;
+  };
+  std::set<std::string> ids;
+  for (const BackupOptions& in : jobs) {
+    BackupOptions o = in;
+    if (o.job_id.empty()) o.job_id = o.device;
+    Drive* drive = FindDrive(o.device);
+    if (drive == nullptr) {
+      return refuse(Status::Error(
+          ENODEV, "Cannot find device='" + o.device + "' nor node-name='" + o.device + "'"));
+    }
+    if (!ValidJobId(o.job_id)) {
+      return refuse(Status::Error(EINVAL, "Invalid job ID '" + o.job_id + "'"));
+    }
+    if (state_->FindListed(o.job_id) || !ids.insert(o.job_id).second) {
+      return refuse(Status::Error(EBUSY, "Job ID '" + o.job_id + "' already in use"));
+    }
+    TargetRequest req;
+    req.raw_path = o.target;
+    req.base_dir = options_.base_dir;
+    req.mountpoint = options_.mountpoint;
+    req.mode = o.mode;
+    req.format_given = o.format_given;
+    req.size = drive->size();
+    auto busy = [&](dev_t dev, ino_t ino) -> std::optional<std::string> {
+      for (const auto& j : state_->jobs) {
+        if (j->live() && j->target_dev() == dev && j->target_ino() == ino) return j->id();
+      }
+      for (const auto& p : prepared) {
+        if (p.target.dev == dev && p.target.ino == ino) return p.options.job_id;
+      }
+      return std::nullopt;
+    };
+    Result<OpenedTarget> t = OpenTarget(req, drives_, busy);
+    if (!t.ok()) return refuse(t.status());
+    prepared.push_back({std::move(o), drive, std::move(*t)});
+  }
+  // Everything is validated: only now is any existing target changed.
+  for (auto& p : prepared) {
+    if (Status s = PrepareTarget(p.target, p.options.mode, p.drive->size()); !s.ok()) {
+      return refuse(s);
+    }
+  }
+
+  // Ended records whose ids are taken again are replaced.
+  std::vector<std::shared_ptr<BackupJob>> replaced;
+  for (auto it = state_->jobs.begin(); it != state_->jobs.end();) {
+    if (ids.count((*it)->id())) {
+      replaced.push_back(*it);
+      it = state_->jobs.erase(it);
+    } else {
+      ++it;
+    }
+  }
+
+  auto txn = std::make_shared<Txn>(mode);
+  std::vector<std::shared_ptr<BackupJob>> started;
+  std::vector<std::pair<Drive*, std::shared_ptr<WriteHook>>> hooks;
+  for (auto& p : prepared) {
+    JobParams params;
+    params.options = p.options;
+    params.drive = p.drive;
+    params.target = std::move(p.target);
+    params.bus = bus_;
+    params.txn = txn;
+    params.cluster_size = options_.cluster_size;
+    auto job = std::make_shared<BackupJob>(std::move(params));
+    txn->Add(job);
+    state_->jobs.push_back(job);
+    job->Announce();
+    hooks.emplace_back(p.drive, job->hook());
+    started.push_back(std::move(job));
+  }
+  // The point in time of every job of the transaction.
+  Drive::InstallHooks(hooks);
+  for (auto& job : started) {
+    job->Start();
+    LogInfo("job '" + job->id() + "' started: drive '" + job->drive()->name() + "' -> '" +
+            job->target_path() + "'");
+  }
+
+  // Keep at most max_ended_jobs ended records (oldest go first); records
+  // QMP still lists (auto-dismiss off, not yet dismissed) are kept.
+  size_t ended = 0;
+  for (const auto& j : state_->jobs) ended += j->ended() && !j->listed();
+  for (auto it = state_->jobs.begin();
+       ended > options_.max_ended_jobs && it != state_->jobs.end();) {
+    if ((*it)->ended() && !(*it)->listed()) {
+      replaced.push_back(*it);
+      it = state_->jobs.erase(it);
+      --ended;
+    } else {
+      ++it;
+    }
+  }
+  for (auto& j : replaced) j->Join();
+  return Status::Ok();
+}
+
+#define CBW_WITH_LISTED_JOB(id, call)      \
+  std::shared_ptr<BackupJob> job;          \
+  {                                        \
+    std::lock_guard<std::mutex> lock(mu_); \
+    job = state_->FindListed(id);          \
+  }                                        \
+  if (!job) return JobNotFound();          \
+  return job->call
+
+Status JobRegistry::Cancel(const std::string& id, bool force) {
+  CBW_WITH_LISTED_JOB(id, Cancel(force));
+}
+Status JobRegistry::Pause(const std::string& id) { CBW_WITH_LISTED_JOB(id, Pause()); }
+Status JobRegistry::Resume(const std::string& id) { CBW_WITH_LISTED_JOB(id, Resume()); }
+Status JobRegistry::SetSpeed(const std::string& id, int64_t speed) {
+  CBW_WITH_LISTED_JOB(id, SetSpeed(speed));
+}
+Status JobRegistry::Complete(const std::string& id) { CBW_WITH_LISTED_JOB(id, Complete()); }
+Status JobRegistry::Finalize(const std::string& id) { CBW_WITH_LISTED_JOB(id, Finalize()); }
+Status JobRegistry::Dismiss(const std::string& id) { CBW_WITH_LISTED_JOB(id, Dismiss()); }
+
+#undef CBW_WITH_LISTED_JOB
+
+std::vector<JobInfo> JobRegistry::ListJobs() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<JobInfo> out;
+  for (const auto& j : state_->jobs) {
+    JobInfo i = j->Info();
+    if (i.listed) out.push_back(std::move(i));
+  }
+  return out;
+}
+
+std::vector<JobInfo> JobRegistry::JobFiles() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<JobInfo> out;
+  for (const auto& j : state_->jobs) out.push_back(j->Info());
+  // Live jobs may have ended since the last start: show only the newest
+  // max_ended_jobs unlisted ended records.
+  size_t ended = 0;
+  for (const auto& i : out) ended += i.finished.has_value() && !i.listed;
+  for (auto it = out.begin(); ended > options_.max_ended_jobs && it != out.end();) {
+    if (it->finished.has_value() && !it->listed) {
+      it = out.erase(it);
+      --ended;
+    } else {
+      ++it;
+    }
+  }
+  return out;
+}
+
+std::optional<JobInfo> JobRegistry::GetJobFile(const std::string& id) const {
+  for (auto& i : JobFiles()) {
+    if (i.id == id) return i;
+  }
+  return std::nullopt;
+}
+
+Status JobRegistry::RemoveJobFile(const std::string& id) {
+  std::shared_ptr<BackupJob> job;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    job = state_->Find(id);
+    if (!job) return JobNotFound();
+    if (!job->ended()) {
+      return Status::Error(EBUSY, "Job '" + id + "' has not ended yet");
+    }
+    if (job->listed()) {
+      if (Status s = job->Dismiss(); !s.ok()) return s;
+    }
+    state_->jobs.erase(std::find(state_->jobs.begin(), state_->jobs.end(), job));
+  }
+  job->Join();
+  return Status::Ok();
+}
+
+std::vector<std::string> JobRegistry::SnapshotIds() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::string> out;
+  for (const auto& j : state_->jobs) {
+    if (j->view_available()) out.push_back(j->id());
+  }
+  return out;
+}
+
+std::optional<uint64_t> JobRegistry::SnapshotSize(const std::string& id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto j = state_->Find(id);
+  if (!j || !j->view_available()) return std::nullopt;
+  return j->size();
+}
+
+Result<size_t> JobRegistry::ReadSnapshot(const std::string& id, void* buf, size_t len,
+                                         uint64_t off) const {
+  std::shared_ptr<BackupJob> j;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    j = state_->Find(id);
+  }
+  if (!j) return Status::Error(ENOENT, "No snapshot view '" + id + "'");
+  return j->ReadSnapshot(buf, len, off);
+}
+
+Result<uint64_t> JobRegistry::SeekSnapshot(const std::string& id, uint64_t off, int whence) const {
+  std::shared_ptr<BackupJob> j;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    j = state_->Find(id);
+  }
+  if (!j) return Status::Error(ENOENT, "No snapshot view '" + id + "'");
+  return j->SeekSnapshot(off, whence);
+}
+
+void JobRegistry::Shutdown() {
+  std::vector<std::shared_ptr<BackupJob>> jobs;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    state_->shut_down = true;
+    jobs = state_->jobs;
+  }
+  for (auto& j : jobs) j->CancelInternal();
+  for (auto& j : jobs) j->Join();
+}
+
+}  // namespace cbw::backup

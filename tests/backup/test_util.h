@@ -1,0 +1,222 @@
+#pragma once
+
+// Helpers shared by the backup tests: temp dirs, files with known content,
+// an event recorder, polling with a deadline.
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "backup/drive.h"
+#include "backup/event_bus.h"
+#include "backup/job_registry.h"
+
+namespace cbw::backup::testing {
+
+class TempDir {
+ public:
+  TempDir() {
+    const char* base = std::getenv("CBW_TEST_TMPDIR");
+    std::string tmpl = std::string(base ? base : "/tmp") + "/cbw-backup-test-XXXXXX";
+    std::vector<char> buf(tmpl.begin(), tmpl.end());
+    buf.push_back('\0');
+    if (mkdtemp(buf.data()) == nullptr) std::abort();
+    path_ = buf.data();
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  const std::string& path() const { return path_; }
+  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+inline std::string ReadAll(const std::string& path) {
+  std::string out;
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return out;
+  char buf[1 << 16];
+  for (;;) {
+    ssize_t n = read(fd, buf, sizeof(buf));
+    if (n <= 0) break;
+    out.append(buf, static_cast<size_t>(n));
+  }
+  close(fd);
+  return out;
+}
+
+// Compares two images; on mismatch says where, without dumping megabytes.
+inline ::testing::AssertionResult SameBytes(const std::string& got, const std::string& want) {
+  if (got == want) return ::testing::AssertionSuccess();
+  if (got.size() != want.size()) {
+    return ::testing::AssertionFailure() << "size " << got.size() << " != " << want.size();
+  }
+  size_t i = 0;
+  while (got[i] == want[i]) ++i;
+  size_t j = got.size();
+  while (got[j - 1] == want[j - 1]) --j;
+  return ::testing::AssertionFailure() << "bytes differ in [" << i << ", " << j << ")";
+}
+
+inline void WriteAt(const std::string& path, const std::string& data, uint64_t off) {
+  int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) std::abort();
+  if (pwrite(fd, data.data(), data.size(), static_cast<off_t>(off)) !=
+      static_cast<ssize_t>(data.size())) {
+    std::abort();
+  }
+  close(fd);
+}
+
+inline std::string RandomBytes(size_t n, uint32_t seed) {
+  std::string s(n, '\0');
+  std::mt19937_64 rng(seed);
+  for (size_t i = 0; i < n; i += 8) {
+    uint64_t v = rng();
+    std::memcpy(&s[i], &v, std::min<size_t>(8, n - i));
+  }
+  return s;
+}
+
+// A sparse file of `size` bytes.
+inline void MakeSparse(const std::string& path, uint64_t size) {
+  int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0 || ftruncate(fd, static_cast<off_t>(size)) != 0) std::abort();
+  close(fd);
+}
+
+inline bool WaitFor(const std::function<bool()>& pred, double seconds = 20) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return pred();
+}
+
+// Records every event in order; thread-safe.
+class EventRecorder {
+ public:
+  explicit EventRecorder(EventBus* bus) : bus_(bus) {
+    token_ = bus_->Subscribe([this](const Event& e) {
+      std::lock_guard<std::mutex> lock(mu_);
+      events_.push_back(e);
+    });
+  }
+  ~EventRecorder() { bus_->Unsubscribe(token_); }
+  std::vector<Event> events() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return events_;
+  }
+  // Status changes of one job, as "created,running,...".
+  std::string Statuses(const std::string& id) const {
+    std::string out;
+    for (const auto& e : events()) {
+      if (e.type == EventType::kJobStatusChange && e.job_id == id) {
+        if (!out.empty()) out += ",";
+        out += ToString(e.status);
+      }
+    }
+    return out;
+  }
+  // Every event of one job, compactly: "S:created", "COMPLETED", "ERROR:read:stop"...
+  std::string Sequence(const std::string& id) const {
+    std::string out;
+    for (const auto& e : events()) {
+      if (e.job_id != id) continue;
+      if (!out.empty()) out += ",";
+      switch (e.type) {
+        case EventType::kJobStatusChange:
+          out += ToString(e.status);
+          break;
+        case EventType::kBlockJobCompleted:
+          out += e.error ? "COMPLETED(" + *e.error + ")" : "COMPLETED";
+          break;
+        case EventType::kBlockJobCancelled:
+          out += "CANCELLED";
+          break;
+        case EventType::kBlockJobError:
+          out += std::string("ERROR(") + (e.is_read ? "read" : "write") + "," + e.action + ")";
+          break;
+        case EventType::kBlockJobPending:
+          out += "PENDING";
+          break;
+      }
+    }
+    return out;
+  }
+  bool Has(const std::string& id, EventType type) const {
+    for (const auto& e : events()) {
+      if (e.job_id == id && e.type == type) return true;
+    }
+    return false;
+  }
+
+ private:
+  EventBus* bus_;
+  uint64_t token_;
+  mutable std::mutex mu_;
+  std::vector<Event> events_;
+};
+
+// One drive plus a registry over it, in a temp dir.
+struct Fixture {
+  explicit Fixture(uint64_t size, const std::string& content = "", uint64_t cluster = 64 * 1024,
+                   const std::string& mountpoint = "") {
+    source = dir / "source.img";
+    MakeSparse(source, size);
+    if (!content.empty()) WriteAt(source, content, 0);
+    auto d = Drive::Open(DriveConfig{"drive0", source, false});
+    if (!d.ok()) {
+      fprintf(stderr, "Drive::Open: %s\n", d.status().message().c_str());
+      std::abort();
+    }
+    drive = std::move(*d);
+    RegistryOptions o;
+    o.cluster_size = cluster;
+    o.base_dir = dir.path();
+    o.mountpoint = mountpoint;
+    registry = std::make_unique<JobRegistry>(std::vector<Drive*>{drive.get()}, &bus, o);
+  }
+  BackupOptions Opts(const std::string& target, SyncMode sync = SyncMode::kFull) const {
+    BackupOptions o;
+    o.device = "drive0";
+    o.target = target;
+    o.sync = sync;
+    return o;
+  }
+  std::optional<JobInfo> Info(const std::string& id) const { return registry->GetJobFile(id); }
+  bool Ended(const std::string& id) const {
+    auto i = Info(id);
+    return i && i->result != JobResult::kNone;
+  }
+  bool InStatus(const std::string& id, JobStatus s) const {
+    auto i = Info(id);
+    return i && i->status == s;
+  }
+
+  TempDir dir;
+  std::string source;
+  EventBus bus;
+  std::unique_ptr<Drive> drive;
+  std::unique_ptr<JobRegistry> registry;
+};
+
+}  // namespace cbw::backup::testing
