@@ -9,10 +9,12 @@
 
 #include <cerrno>
 #include <chrono>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "control/wire.h"
 #include "tests/control/control_env.h"
 
 namespace cbw::control {
@@ -612,6 +614,40 @@ TEST_F(DispatcherTest, TransactionIsAllOrNothing) {
   EXPECT_FALSE(FileExists(T("b.img")));
   // An empty transaction does nothing and succeeds.
   ExpectReply(env_, R"({"execute": "transaction", "arguments": {"actions": []}})", 0, kOk);
+}
+
+}  // namespace
+}  // namespace cbw::control
+
+namespace cbw::control {
+namespace {
+
+// Every sample is whole JSON a user can `cat` into control, and names only
+// commands the dispatcher knows (they are seeds for the fuzzer too).
+TEST(Examples, AllParseAndNameKnownCommands) {
+  ControlEnv env;
+  int files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(CBW_EXAMPLES_DIR)) {
+    if (entry.path().extension() != ".json") continue;
+    ++files;
+    SCOPED_TRACE(entry.path().string());
+    std::string text = ReadFile(entry.path().string());
+    ParsedWrite parsed = ParseWrite(text);
+    ASSERT_EQ(parsed.error, 0) << parsed.message;
+    ASSERT_FALSE(parsed.commands.empty());
+    for (const auto& cmd : parsed.commands) {
+      ASSERT_TRUE(cmd.contains("execute"));
+      // Unknown arguments would be reported before anything runs, so a
+      // command with an extra member must fail with EINVAL, not
+      // EOPNOTSUPP: the name is known.
+      ordered_json probe = cmd;
+      probe["arguments"]["zz-probe"] = 1;
+      WriteOutcome o = env.Run(probe.dump());
+      EXPECT_EQ(o.error, EINVAL) << o.last_reply;
+      EXPECT_NE(o.last_reply.find("zz-probe"), std::string::npos) << o.last_reply;
+    }
+  }
+  EXPECT_GE(files, 25);
 }
 
 }  // namespace
