@@ -162,7 +162,15 @@ std::optional<QmpError> CheckBackup(const Context& ctx, BackupArgs* a) {
     }
     o.job_id = *a->job_id;
   }
-  if (a->speed < 0) return GenericError(EINVAL, "Parameter 'speed' expects a non-negative value");
+  if (a->speed < 0) {
+    // QEMU finds a job id in use before it looks at the speed; the registry
+    // takes only a valid speed, so make the same (pure) check here first.
+    const std::string& id = o.job_id.empty() ? o.device : o.job_id;
+    for (const backup::JobInfo& job : ctx.registry->ListJobs()) {
+      if (job.id == id) return GenericError(EBUSY, "Job ID '" + id + "' already in use");
+    }
+    return GenericError(EINVAL, "Parameter 'speed' expects a non-negative value");
+  }
   o.speed = static_cast<uint64_t>(a->speed);
   o.sync = a->sync == "none"  ? backup::SyncMode::kNone
            : a->sync == "top" ? backup::SyncMode::kTop

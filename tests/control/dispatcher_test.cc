@@ -504,6 +504,15 @@ TEST_F(DispatcherTest, VerbsOnARunningJob) {
   // Same id again: in use.
   ExpectReply(env_, Example("drive-backup-full.json", env_.dir(), R"({"target": ")" + T() + "\"}"),
               EBUSY, Generic("Job ID 'drive0' already in use"));
+  // Also when the speed is bad too: QEMU checks the id first.
+  ExpectReply(
+      env_,
+      Example("drive-backup-full.json", env_.dir(), R"({"speed": -1, "target": ")" + T() + "\"}"),
+      EBUSY, Generic("Job ID 'drive0' already in use"));
+  ExpectReply(env_,
+              Example("drive-backup-full.json", env_.dir(),
+                      R"({"speed": -1, "job-id": "other", "target": ")" + T() + "\"}"),
+              EINVAL, Generic("Parameter 'speed' expects a non-negative value"));
   auto verb_error = [](const std::string& state, const std::string& verb) {
     return Generic("Job 'drive0' in state '" + state + "' cannot accept command verb '" + verb +
                    "'");
