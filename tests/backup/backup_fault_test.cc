@@ -1,0 +1,310 @@
+// Error policies under real I/O faults: the drive's source and/or the target
+// live on a faultfs mount (tests/tools/faultfs.cc) that fails, shortens or
+// slows chosen requests, so the engine's real read/write paths see them.
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "tests/backup/test_util.h"
+
+namespace cbw::backup {
+namespace {
+
+using testing::EventRecorder;
+using testing::RandomBytes;
+using testing::ReadAll;
+using testing::SameBytes;
+using testing::TempDir;
+using testing::WaitFor;
+
+constexpr uint64_t kMiB = 1024 * 1024;
+
+class FaultTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    backing_ = dir_ / "backing";
+    mnt_ = dir_ / "mnt";
+    ASSERT_EQ(mkdir(backing_.c_str(), 0755), 0);
+    ASSERT_EQ(mkdir(mnt_.c_str(), 0755), 0);
+    pid_ = fork();
+    if (pid_ == 0) {
+      int null = open("/dev/null", O_RDWR);
+      dup2(null, 1);
+      execl(FAULTFS_PATH, "faultfs", backing_.c_str(), mnt_.c_str(), nullptr);
+      _exit(127);
+    }
+    struct stat base {};
+    stat(dir_.path().c_str(), &base);
+    bool mounted = WaitFor(
+        [&] {
+          struct stat st {};
+          if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
+            pid_ = -1;
+            return true;
+          }
+          return stat(mnt_.c_str(), &st) == 0 && st.st_dev != base.st_dev;
+        },
+        10);
+    if (!mounted || pid_ < 0) {
+      GTEST_SKIP() << "faultfs could not mount (no /dev/fuse?)";
+    }
+  }
+
+  void TearDown() override {
+    registry_.reset();
+    drive_.reset();
+    if (pid_ > 0) {
+      std::string cmd = "fusermount3 -uz '" + mnt_ + "' 2>/dev/null";
+      if (system(cmd.c_str()) != 0) kill(pid_, SIGTERM);
+      if (!WaitFor([&] { return waitpid(pid_, nullptr, WNOHANG) == pid_; }, 5)) {
+        kill(pid_, SIGKILL);
+        waitpid(pid_, nullptr, 0);
+      }
+    }
+  }
+
+  void SetFaults(const std::string& rules) {
+    int fd = open((mnt_ + "/.faults").c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0);
+    std::string text = rules.empty() ? std::string("\n") : rules;
+    ASSERT_EQ(write(fd, text.data(), text.size()), static_cast<ssize_t>(text.size()));
+    close(fd);
+  }
+
+  // A drive whose source is on the fault mount (source_on_mount) or local.
+  void MakeDrive(const std::string& data, bool source_on_mount) {
+    data_ = data;
+    std::string path = source_on_mount ? backing_ + "/src.img" : dir_ / "src.img";
+    testing::WriteAt(path, data, 0);
+    auto d = Drive::Open(DriveConfig{"drive0", source_on_mount ? mnt_ + "/src.img" : path, false});
+    ASSERT_TRUE(d.ok()) << d.status().message();
+    drive_ = std::move(*d);
+    RegistryOptions o;
+    o.base_dir = mnt_;
+    registry_ = std::make_unique<JobRegistry>(std::vector<Drive*>{drive_.get()}, &bus_, o);
+  }
+
+  BackupOptions Opts(SyncMode sync = SyncMode::kFull) {
+    BackupOptions o;
+    o.device = "drive0";
+    o.target = "tgt.img";  // on the mount
+    o.sync = sync;
+    return o;
+  }
+  std::optional<JobInfo> Info() { return registry_->GetJobFile("drive0"); }
+  bool Ended() {
+    auto i = Info();
+    return i && i->result != JobResult::kNone;
+  }
+  bool Status(JobStatus s) {
+    auto i = Info();
+    return i && i->status == s;
+  }
+  std::string Target() { return ReadAll(backing_ + "/tgt.img"); }
+  std::string Source() { return ReadAll(mnt_ + "/src.img"); }
+
+  TempDir dir_;
+  std::string backing_, mnt_;
+  pid_t pid_ = -1;
+  EventBus bus_;
+  std::string data_;
+  std::unique_ptr<Drive> drive_;
+  std::unique_ptr<JobRegistry> registry_;
+};
+
+TEST_F(FaultTest, TargetEioReportFailsTheJob) {
+  MakeDrive(RandomBytes(4 * kMiB, 1), false);
+  EventRecorder rec(&bus_);
+  SetFaults("tgt.img write eio 2097152 2162688");
+  ASSERT_TRUE(registry_->StartBackups({Opts()}).ok());
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+  auto i = Info();
+  EXPECT_EQ(i->result, JobResult::kFailed);
+  EXPECT_EQ(i->error, "Input/output error");
+  EXPECT_EQ(rec.Sequence("drive0"),
+            "created,running,ERROR(write,report),aborting,COMPLETED(Input/output error),"
+            "concluded,null");
+  EXPECT_TRUE(SameBytes(ReadAll(dir_ / "src.img"), data_));
+}
+
+TEST_F(FaultTest, TargetEioIgnoreRetriesAndSucceeds) {
+  MakeDrive(RandomBytes(4 * kMiB, 2), false);
+  EventRecorder rec(&bus_);
+  SetFaults("tgt.img write eio 0 4194304 3");
+  auto o = Opts();
+  o.on_target_error = ErrorPolicy::kIgnore;
+  ASSERT_TRUE(registry_->StartBackups({o}).ok());
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+  EXPECT_EQ(Info()->result, JobResult::kSuccess);
+  EXPECT_TRUE(SameBytes(Target(), data_));
+  EXPECT_NE(rec.Sequence("drive0").find("ERROR(write,ignore)"), std::string::npos);
+}
+
+TEST_F(FaultTest, TargetEioStopPausesUntilResumed) {
+  MakeDrive(RandomBytes(4 * kMiB, 3), false);
+  EventRecorder rec(&bus_);
+  SetFaults("tgt.img write eio 1048576 1048577");
+  auto o = Opts();
+  o.on_target_error = ErrorPolicy::kStop;
+  ASSERT_TRUE(registry_->StartBackups({o}).ok());
+  ASSERT_TRUE(WaitFor([&] { return Status(JobStatus::kPaused); }));
+  auto i = Info();
+  EXPECT_EQ(i->io_status, IoStatus::kFailed);
+  EXPECT_TRUE(i->paused);
+  EXPECT_EQ(registry_->Dismiss("drive0").message(),
+            "Job 'drive0' in state 'paused' cannot accept command verb 'dismiss'");
+  SetFaults("");
+  ASSERT_TRUE(registry_->Resume("drive0").ok());
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+  i = Info();
+  EXPECT_EQ(i->result, JobResult::kSuccess);
+  EXPECT_EQ(i->io_status, IoStatus::kOk);
+  EXPECT_EQ(i->offset, i->len);
+  EXPECT_TRUE(SameBytes(Target(), data_));
+  EXPECT_EQ(rec.Sequence("drive0"),
+            "created,running,ERROR(write,stop),paused,running,waiting,pending,COMPLETED,"
+            "concluded,null");
+}
+
+TEST_F(FaultTest, EnospcPolicyStopsOnEnospcAndReportsOtherErrors) {
+  MakeDrive(RandomBytes(4 * kMiB, 4), false);
+  SetFaults("tgt.img write enospc 3145728 3145729");
+  auto o = Opts();
+  o.on_target_error = ErrorPolicy::kEnospc;
+  ASSERT_TRUE(registry_->StartBackups({o}).ok());
+  ASSERT_TRUE(WaitFor([&] { return Status(JobStatus::kPaused); }));
+  EXPECT_EQ(Info()->io_status, IoStatus::kNoSpace);
+  SetFaults("tgt.img write eio 3145728 3145729");
+  ASSERT_TRUE(registry_->Resume("drive0").ok());
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+  EXPECT_EQ(Info()->result, JobResult::kFailed);
+  EXPECT_EQ(Info()->error, "Input/output error");
+}
+
+TEST_F(FaultTest, SourceReadErrorsUseOnSourceError) {
+  MakeDrive(RandomBytes(4 * kMiB, 5), true);
+  EventRecorder rec(&bus_);
+  SetFaults("src.img read eio 2097152 2097153");
+  auto o = Opts();
+  o.on_source_error = ErrorPolicy::kStop;
+  ASSERT_TRUE(registry_->StartBackups({o}).ok());
+  ASSERT_TRUE(WaitFor([&] { return Status(JobStatus::kPaused); }));
+  EXPECT_EQ(Info()->io_status, IoStatus::kFailed);
+  EXPECT_NE(rec.Sequence("drive0").find("ERROR(read,stop)"), std::string::npos);
+  // Resume into the same fault, now reported: the job fails.
+  ASSERT_TRUE(registry_->Resume("drive0").ok());
+  ASSERT_TRUE(WaitFor([&] { return Status(JobStatus::kPaused); }));
+  ASSERT_TRUE(registry_->Cancel("drive0").ok());
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+  EXPECT_EQ(Info()->result, JobResult::kCancelled);
+  EXPECT_TRUE(SameBytes(ReadAll(backing_ + "/src.img"), data_));  // never written
+}
+
+TEST_F(FaultTest, SourceReadErrorReport) {
+  MakeDrive(RandomBytes(2 * kMiB, 6), true);
+  EventRecorder rec(&bus_);
+  SetFaults("src.img read eio 0 2097152");
+  ASSERT_TRUE(registry_->StartBackups({Opts()}).ok());
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+  EXPECT_EQ(Info()->result, JobResult::kFailed);
+  EXPECT_NE(rec.Sequence("drive0").find("ERROR(read,report)"), std::string::npos);
+}
+
+TEST_F(FaultTest, ShortReadsInTheCopierAreCompleted) {
+  std::string data = RandomBytes(3 * kMiB + 12345, 7);
+  MakeDrive(data, true);
+  SetFaults("src.img read short\n");
+  ASSERT_TRUE(registry_->StartBackups({Opts()}).ok());
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }, 60));
+  EXPECT_EQ(Info()->result, JobResult::kSuccess) << Info()->error.value_or("");
+  EXPECT_TRUE(SameBytes(Target(), data));
+}
+
+// Short writes reach the engine's plain pwrite (CBW) path as short counts.
+// (The kernel turns a short reply to an *asynchronous* FUSE direct write,
+// as io_uring issues them, into EIO, so the copier sees those as errors.)
+TEST_F(FaultTest, ShortWritesOnTheCbwPathAreCompleted) {
+  std::string data = RandomBytes(2 * kMiB, 12);
+  MakeDrive(data, false);
+  ASSERT_TRUE(registry_->StartBackups({Opts(SyncMode::kNone)}).ok());
+  SetFaults("tgt.img write short\n");
+  std::string w(300000, 'w');
+  ASSERT_TRUE(drive_->Write(w.data(), w.size(), 1000).ok());
+  ASSERT_TRUE(drive_->Write(w.data(), w.size(), kMiB + 7).ok());
+  EXPECT_EQ(Info()->cbw_bytes, 10 * 65536u);
+  std::string view(2 * kMiB, '\0');
+  ASSERT_TRUE(registry_->ReadSnapshot("drive0", view.data(), view.size(), 0).ok());
+  EXPECT_TRUE(SameBytes(view, data));
+  std::string tgt = Target();
+  EXPECT_TRUE(SameBytes(tgt.substr(0, 5 * 65536), data.substr(0, 5 * 65536)));
+  ASSERT_TRUE(registry_->Cancel("drive0").ok());
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+}
+
+TEST_F(FaultTest, FsyncFailureFailsTheJob) {
+  MakeDrive(RandomBytes(kMiB, 8), false);
+  SetFaults("tgt.img fsync eio");
+  ASSERT_TRUE(registry_->StartBackups({Opts()}).ok());
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+  EXPECT_EQ(Info()->result, JobResult::kFailed);
+}
+
+TEST_F(FaultTest, CancelIsPromptWithSlowTarget) {
+  MakeDrive(RandomBytes(16 * kMiB, 9), false);
+  SetFaults("tgt.img write slow=200");
+  ASSERT_TRUE(registry_->StartBackups({Opts()}).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(registry_->Cancel("drive0").ok());
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+  // In-flight requests finish (at most one slow round), nothing more starts.
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 2.0);
+  EXPECT_EQ(Info()->result, JobResult::kCancelled);
+}
+
+TEST_F(FaultTest, CbwFailureBreakSnapshot) {
+  MakeDrive(RandomBytes(2 * kMiB, 10), false);
+  EventRecorder rec(&bus_);
+  ASSERT_TRUE(registry_->StartBackups({Opts(SyncMode::kNone)}).ok());
+  SetFaults("tgt.img write eio");
+  std::string w(1000, 'w');
+  ASSERT_TRUE(drive_->Write(w.data(), w.size(), 100).ok());  // the write proceeds
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+  EXPECT_EQ(Info()->result, JobResult::kFailed);
+  EXPECT_EQ(Info()->error, "Input/output error");
+  EXPECT_EQ(rec.Sequence("drive0"),
+            "created,running,aborting,COMPLETED(Input/output error),concluded,null");
+  char buf[16];
+  EXPECT_EQ(registry_->ReadSnapshot("drive0", buf, sizeof(buf), 0).status().code(), EIO);
+  std::string expect = data_;
+  expect.replace(100, w.size(), w);
+  EXPECT_TRUE(SameBytes(ReadAll(dir_ / "src.img"), expect));
+}
+
+TEST_F(FaultTest, CbwFailureBreakGuestWrite) {
+  MakeDrive(RandomBytes(2 * kMiB, 11), false);
+  auto o = Opts(SyncMode::kNone);
+  o.on_cbw_error = CbwErrorPolicy::kBreakGuestWrite;
+  ASSERT_TRUE(registry_->StartBackups({o}).ok());
+  SetFaults("tgt.img write eio");
+  std::string w(1000, 'w');
+  auto r = drive_->Write(w.data(), w.size(), 70000);
+  EXPECT_EQ(r.status().code(), EIO);
+  EXPECT_TRUE(SameBytes(ReadAll(dir_ / "src.img"), data_));  // source untouched
+  EXPECT_TRUE(Status(JobStatus::kRunning));
+  SetFaults("");
+  ASSERT_TRUE(drive_->Write(w.data(), w.size(), 70000).ok());
+  std::string view(2 * kMiB, '\0');
+  auto rr = registry_->ReadSnapshot("drive0", view.data(), view.size(), 0);
+  ASSERT_TRUE(rr.ok());
+  EXPECT_TRUE(SameBytes(view, data_));
+  ASSERT_TRUE(registry_->Cancel("drive0").ok());
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+  EXPECT_EQ(Info()->result, JobResult::kCancelled);
+}
+
+}  // namespace
+}  // namespace cbw::backup
