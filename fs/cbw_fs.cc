@@ -105,8 +105,8 @@ void OnEventsInterrupt(fuse_req_t req, void* data);
 
 }  // namespace
 
-CbwFs::CbwFs(backup::JobRegistry* registry, backup::EventBus* bus,
-             control::Dispatcher* dispatcher, Config config)
+CbwFs::CbwFs(backup::JobRegistry* registry, backup::EventBus* bus, control::Dispatcher* dispatcher,
+             Config config)
     : registry_(registry), bus_(bus), dispatcher_(dispatcher), config_(config) {
   clock_gettime(CLOCK_REALTIME, &mount_time_);
 }
@@ -129,12 +129,23 @@ void CbwFs::Shutdown() {
 CbwFs::Node CbwFs::Resolve(fuse_ino_t ino) const {
   Node n;
   switch (ino) {
-    case kRootIno: n.kind = Kind::kRoot; return n;
-    case kControlIno: n.kind = Kind::kControl; return n;
-    case kEventsIno: n.kind = Kind::kEvents; return n;
-    case kJobsIno: n.kind = Kind::kJobsDir; return n;
-    case kSnapshotsIno: n.kind = Kind::kSnapshotsDir; return n;
-    default: break;
+    case kRootIno:
+      n.kind = Kind::kRoot;
+      return n;
+    case kControlIno:
+      n.kind = Kind::kControl;
+      return n;
+    case kEventsIno:
+      n.kind = Kind::kEvents;
+      return n;
+    case kJobsIno:
+      n.kind = Kind::kJobsDir;
+      return n;
+    case kSnapshotsIno:
+      n.kind = Kind::kSnapshotsDir;
+      return n;
+    default:
+      break;
   }
   if (ino >= kFirstDriveIno && ino < kFirstDriveIno + registry_->drives().size()) {
     n.kind = Kind::kDrive;
@@ -753,8 +764,9 @@ const fuse_lowlevel_ops kOps = [] {
   o.read = [](fuse_req_t r, fuse_ino_t i, size_t s, off_t off, fuse_file_info* f) {
     Guard(r, [&] { Self(r)->Read(r, i, s, off, f); });
   };
-  o.write = [](fuse_req_t r, fuse_ino_t i, const char* b, size_t s, off_t off,
-               fuse_file_info* f) { Guard(r, [&] { Self(r)->Write(r, i, b, s, off, f); }); };
+  o.write = [](fuse_req_t r, fuse_ino_t i, const char* b, size_t s, off_t off, fuse_file_info* f) {
+    Guard(r, [&] { Self(r)->Write(r, i, b, s, off, f); });
+  };
   o.flush = [](fuse_req_t r, fuse_ino_t, fuse_file_info*) { fuse_reply_err(r, 0); };
   o.release = [](fuse_req_t r, fuse_ino_t i, fuse_file_info* f) {
     Guard(r, [&] { Self(r)->Release(r, i, f); });

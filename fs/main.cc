@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -55,13 +56,15 @@ int Run(int argc, char** argv) {
   cbw::backup::SetLogLevel(opts.log_level);
 
   // The mountpoint, resolved now: targets under it are refused by path.
+  // statfs always asks the filesystem (stat may answer from a dead FUSE
+  // mount's attribute cache), so it is what tells a leftover mount apart.
+  struct statfs mfs {};
   struct stat mst {};
-  if (stat(opts.mountpoint.c_str(), &mst) != 0) {
+  if (statfs(opts.mountpoint.c_str(), &mfs) != 0 || stat(opts.mountpoint.c_str(), &mst) != 0) {
     int e = errno;
     if (e == ENOTCONN) {
-      return Fail("mountpoint '" + opts.mountpoint +
-                  "': a dead cbwfs left its mount behind (" + std::strerror(e) +
-                  "); run 'fusermount3 -uz " + opts.mountpoint + "' first");
+      return Fail("mountpoint '" + opts.mountpoint + "': a dead cbwfs left its mount behind (" +
+                  std::strerror(e) + "); run 'fusermount3 -uz " + opts.mountpoint + "' first");
     }
     return Fail("mountpoint '" + opts.mountpoint + "': " + std::strerror(e));
   }

@@ -15,18 +15,18 @@ const std::set<std::string> kReservedNames = {"control", "events", "jobs", "snap
 
 po::options_description Describe() {
   po::options_description d("Options");
-  d.add_options()                                                               //
-      ("drive", po::value<std::vector<std::string>>()->composing(),             //
+  d.add_options()                                                    //
+      ("drive", po::value<std::vector<std::string>>()->composing(),  //
        "NAME=PATH[,readonly=on]: a source image or block device, shown as MOUNTPOINT/NAME "
-       "(repeatable, at least one)")                                            //
-      ("foreground,f", "stay in the foreground and log to stderr")              //
-      ("o", po::value<std::vector<std::string>>()->composing(),                 //
-       "OPT[,OPT...]: FUSE mount options (e.g. allow_other)")                   //
-      ("cluster-size", po::value<std::string>(),                                //
-       "BYTES: CBW granularity, a power of two from 4K to 16M (default 64K)")   //
+       "(repeatable, at least one)")                                                              //
+      ("foreground,f", "stay in the foreground and log to stderr")                                //
+      (",o", po::value<std::vector<std::string>>()->composing(),                                  //
+       "OPT[,OPT...]: FUSE mount options (e.g. allow_other)")                                     //
+      ("cluster-size", po::value<std::string>(),                                                  //
+       "BYTES: CBW granularity, a power of two from 4K to 16M (default 64K)")                     //
       ("state-dir", po::value<std::string>(), "DIR: where job records are kept across restarts")  //
-      ("log-level", po::value<std::string>(), "error, warn, info (default) or debug")  //
-      ("help,h", "show this help")                                              //
+      ("log-level", po::value<std::string>(), "error, warn, info (default) or debug")             //
+      ("help,h", "show this help")                                                                //
       ("version,V", "show the version");
   return d;
 }
@@ -36,7 +36,8 @@ Status Usage(const std::string& msg) { return Status::Error(EINVAL, msg); }
 }  // namespace
 
 bool IsValidId(const std::string& id) {
-  if (id.empty() || id.size() > 64 || !std::isalpha(static_cast<unsigned char>(id[0]))) return false;
+  if (id.empty() || id.size() > 64 || !std::isalpha(static_cast<unsigned char>(id[0])))
+    return false;
   for (char c : id) {
     if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '.' && c != '_') {
       return false;
@@ -89,13 +90,13 @@ backup::Result<Options> ParseOptions(int argc, char** argv) {
 
   po::variables_map vm;
   try {
-    po::store(po::command_line_parser(argc, argv)
-                  .options(all)
-                  .positional(pos)
-                  .style(po::command_line_style::default_style &
-                         ~po::command_line_style::allow_guessing)
-                  .run(),
-              vm);
+    po::store(
+        po::command_line_parser(argc, argv)
+            .options(all)
+            .positional(pos)
+            .style(po::command_line_style::default_style & ~po::command_line_style::allow_guessing)
+            .run(),
+        vm);
     po::notify(vm);
   } catch (const po::error& e) {
     return Usage(e.what());
@@ -157,8 +158,8 @@ backup::Result<Options> ParseOptions(int argc, char** argv) {
   }
   if (o.drives.empty()) return Usage("at least one --drive NAME=PATH is required");
 
-  if (vm.count("o")) {
-    for (const std::string& group : vm["o"].as<std::vector<std::string>>()) {
+  if (vm.count("-o")) {
+    for (const std::string& group : vm["-o"].as<std::vector<std::string>>()) {
       std::stringstream ss(group);
       std::string opt;
       while (std::getline(ss, opt, ',')) {

@@ -42,8 +42,8 @@ std::set<std::string> List(const std::string& dir) {
 }
 
 TEST_F(DriveTest, TreeAndAttributes) {
-  EXPECT_EQ(List(mount_.mnt()), (std::set<std::string>{".", "..", "drive0", "control", "events",
-                                                       "jobs", "snapshots"}));
+  EXPECT_EQ(List(mount_.mnt()),
+            (std::set<std::string>{".", "..", "drive0", "control", "events", "jobs", "snapshots"}));
   struct stat st {};
   ASSERT_EQ(stat(drive().c_str(), &st), 0);
   EXPECT_TRUE(S_ISREG(st.st_mode));
@@ -183,8 +183,8 @@ TEST(DriveMulti, TwoDrivesAndReadOnly) {
   WriteFileOrDie(dir / "a.img", a);
   WriteFileOrDie(dir / "b.img", b);
   CbwfsMount m;
-  ASSERT_TRUE(m.Start({"--drive", "a=" + (dir / "a.img"), "--drive",
-                       "b=" + (dir / "b.img") + ",readonly=on"}));
+  ASSERT_TRUE(m.Start(
+      {"--drive", "a=" + (dir / "a.img"), "--drive", "b=" + (dir / "b.img") + ",readonly=on"}));
   EXPECT_EQ(ReadFileOrDie(m / "a"), a);
   EXPECT_EQ(ReadFileOrDie(m / "b"), b);
   struct stat st {};

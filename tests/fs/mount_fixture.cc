@@ -13,11 +13,10 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
 #include <thread>
-
-#include <nlohmann/json.hpp>
 
 extern char** environ;
 
@@ -204,10 +203,8 @@ bool CbwfsMount::alive() { return pid_ > 0 && !Reap(false); }
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&fa, 1, log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND,
-                                   0644);
-  posix_spawn_file_actions_addopen(&fa, 2, log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND,
-                                   0644);
+  posix_spawn_file_actions_addopen(&fa, 1, log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  posix_spawn_file_actions_addopen(&fa, 2, log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
   std::vector<char*> cargs;
   for (auto& a : argv) cargs.push_back(a.data());
   cargs.push_back(nullptr);
@@ -223,7 +220,8 @@ bool CbwfsMount::alive() { return pid_ > 0 && !Reap(false); }
   });
   if (!alive()) {
     return ::testing::AssertionFailure()
-           << "cbwfs exited with " << exit_status_ << " before mounting:\n" << log();
+           << "cbwfs exited with " << exit_status_ << " before mounting:\n"
+           << log();
   }
   if (!up) return ::testing::AssertionFailure() << "mount did not come up in time:\n" << log();
   return ::testing::AssertionSuccess();
