@@ -24,8 +24,12 @@
 #include "backup/drive.h"
 #include "backup/event_bus.h"
 #include "backup/job_registry.h"
+#include "backup/log.h"
 
 namespace cbw::backup::testing {
+
+// Jobs log every start at info; keep test output to warnings.
+inline const bool kQuietLogs = (SetLogLevel(LogLevel::kWarn), true);
 
 class TempDir {
  public:
