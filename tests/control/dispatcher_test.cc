@@ -487,6 +487,9 @@ TEST_F(DispatcherTest, TargetErrorsCarryTheOsErrno) {
   o = env_.Run(Example("drive-backup-full.json", env_.dir(),
                        R"({"target": ")" + env_.dir() + R"(/no/such/dir.img"})"));
   EXPECT_EQ(o.error, ENOENT) << o.last_reply;
+  EXPECT_EQ(o.last_reply, Generic("Could not create '" + env_.dir() +
+                                  "/no/such/dir.img': No such file or directory") +
+                              "\n");
   // A drive's own source is refused as a target.
   o = env_.Run(Example("drive-backup-full.json", env_.dir(),
                        R"({"target": ")" + env_.drive_path(1) + R"("})"));
