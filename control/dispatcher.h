@@ -21,6 +21,10 @@ struct WriteOutcome {
   // refused as a whole (bad JSON, oversized): then `last_reply` still says why.
   std::string responses;
   // The last response line produced (what `cat control` on a fresh open shows).
+  // For a write refused as a whole it is a GenericError reply naming the
+  // problem ("JSON parse error, ...", "QMP input must be a JSON object",
+  // "Command at offset N exceeds 65536 bytes"). Empty only for a write of
+  // whitespace alone, which runs nothing and succeeds.
   std::string last_reply;
 };
 
@@ -48,6 +52,13 @@ class Dispatcher {
   // but JSON objects, runs nothing and fails with EINVAL. A command over
   // 64 KiB fails with EMSGSIZE. Commands run in order; the first failure ends
   // the write. Every error is also logged (stderr/syslog via the logger).
+  //
+  // Strict JSON only (RFC 8259): no comments, no duplicate keys, valid UTF-8,
+  // no NUL bytes (nor "\u0000"), nesting at most 64 deep. Each command is
+  // then checked as QEMU's QMP dispatcher and QAPI visitor do (envelope,
+  // command name, members in schema order, leftovers), then the pure
+  // semantic checks QEMU makes (device, format, bitmap, compress, job id,
+  // speed), and only then does the registry see it.
   WriteOutcome Execute(std::string_view bytes);
 
  private:
