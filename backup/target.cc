@@ -100,7 +100,9 @@ Result<OpenedTarget> OpenTarget(const TargetRequest& req, const std::vector<Driv
   if (!resolved.ok()) return resolved.status();
   OpenedTarget t;
   t.path = *resolved;
-  t.display = req.raw_path;
+  // Absolute (the daemon's cwd is "/" later) but with the user's own names.
+  t.display = req.raw_path[0] == '/' || req.base_dir.empty() ? req.raw_path
+                                                             : req.base_dir + "/" + req.raw_path;
 
   struct stat st {};
   bool exists = stat(t.path.c_str(), &st) == 0;

@@ -306,5 +306,41 @@ TEST_F(FaultTest, CbwFailureBreakGuestWrite) {
   EXPECT_EQ(Info()->result, JobResult::kCancelled);
 }
 
+// A drive write to a cluster the copier is copying waits for that copy.
+TEST_F(FaultTest, WriteWaitsForInFlightCopyOfItsCluster) {
+  MakeDrive(RandomBytes(2 * kMiB, 13), false);
+  SetFaults("tgt.img write slow=400 0 1048576 1");
+  ASSERT_TRUE(registry_->StartBackups({Opts()}).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the copy is in flight
+  std::string w(100, 'w');
+  auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(drive_->Write(w.data(), w.size(), 5000).ok());
+  double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_GT(waited, 0.15);
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+  EXPECT_EQ(Info()->result, JobResult::kSuccess);
+  EXPECT_EQ(Info()->cbw_bytes, 0u);  // the copier preserved it, not the writer
+  EXPECT_TRUE(SameBytes(Target(), data_));
+}
+
+// The copy a writer waits for fails: the cluster is dirty again and the
+// writer copies it itself before writing.
+TEST_F(FaultTest, FailedCopyIsRedoneByTheWaitingWriter) {
+  MakeDrive(RandomBytes(2 * kMiB, 14), false);
+  EventRecorder rec(&bus_);
+  SetFaults("tgt.img write slow=400 0 1048576 1\ntgt.img write eio 0 1048576 1\n");
+  auto o = Opts();
+  o.on_target_error = ErrorPolicy::kIgnore;
+  ASSERT_TRUE(registry_->StartBackups({o}).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  std::string w(100, 'w');
+  ASSERT_TRUE(drive_->Write(w.data(), w.size(), 5000).ok());
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+  EXPECT_EQ(Info()->result, JobResult::kSuccess);
+  EXPECT_EQ(Info()->cbw_bytes, 65536u);
+  EXPECT_NE(rec.Sequence("drive0").find("ERROR(write,ignore)"), std::string::npos);
+  EXPECT_TRUE(SameBytes(Target(), data_));
+}
+
 }  // namespace
 }  // namespace cbw::backup

@@ -626,5 +626,75 @@ TEST(SnapshotTest, SeekAndReadDuringFullBackup) {
   EXPECT_TRUE(testing::SameBytes(ReadAll(f.dir / "t.img"), expect));
 }
 
+TEST(BackupTest, JobInfoAndEventPayloads) {
+  std::string data = RandomBytes(8 * kMiB, 41);
+  Fixture f(8 * kMiB, data);
+  EventRecorder rec(&f.bus);
+  auto o = f.Opts("t.img");
+  o.speed = 4 * kMiB;
+  o.auto_finalize = false;
+  ASSERT_TRUE(f.registry->StartBackups({o}).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(700));
+  auto i = f.Info("drive0");
+  EXPECT_EQ(i->target, f.dir / "t.img");
+  EXPECT_EQ(i->drive, "drive0");
+  EXPECT_EQ(i->speed, 4 * kMiB);
+  EXPECT_EQ(i->status, JobStatus::kRunning);
+  EXPECT_TRUE(i->busy);
+  EXPECT_GT(i->bytes_per_second, 1.0 * kMiB);
+  EXPECT_LT(i->bytes_per_second, 8.0 * kMiB);
+  ASSERT_TRUE(i->eta_seconds.has_value());
+  EXPECT_GT(*i->eta_seconds, 0);
+  EXPECT_GT(i->started, 1e9);
+  EXPECT_FALSE(i->finished.has_value());
+  ASSERT_TRUE(f.registry->SetSpeed("drive0", 0).ok());
+  ASSERT_TRUE(WaitFor([&] { return f.InStatus("drive0", JobStatus::kPending); }));
+  EXPECT_TRUE(rec.Has("drive0", EventType::kBlockJobPending));
+  // Cancel in pending: aborting, cancelled (target left as is).
+  ASSERT_TRUE(f.registry->Cancel("drive0").ok());
+  ASSERT_TRUE(WaitFor([&] { return f.Ended("drive0"); }));
+  EXPECT_EQ(rec.Sequence("drive0"),
+            "created,running,waiting,pending,PENDING,aborting,CANCELLED,concluded,null");
+  for (const auto& e : rec.events()) {
+    if (e.type == EventType::kBlockJobCancelled) {
+      EXPECT_EQ(e.len, 8 * kMiB);
+      EXPECT_EQ(e.offset, 8 * kMiB);
+      EXPECT_EQ(e.speed, 0u);
+    }
+  }
+  EXPECT_TRUE(testing::SameBytes(ReadAll(f.dir / "t.img"), data));
+}
+
+TEST(TransactionTest, GroupedFinalizeFinalizesAll) {
+  testing::TempDir dir;
+  std::string s1 = dir / "a.img", s2 = dir / "b.img";
+  testing::WriteAt(s1, RandomBytes(kMiB, 42), 0);
+  testing::WriteAt(s2, RandomBytes(kMiB, 43), 0);
+  auto a = Drive::Open(DriveConfig{"a", s1, false});
+  auto b = Drive::Open(DriveConfig{"b", s2, false});
+  ASSERT_TRUE(a.ok() && b.ok());
+  EventBus bus;
+  RegistryOptions ro;
+  ro.base_dir = dir.path();
+  JobRegistry reg({a->get(), b->get()}, &bus, ro);
+  BackupOptions oa, ob;
+  oa.device = "a";
+  oa.target = "ta.img";
+  oa.auto_finalize = false;
+  ob = oa;
+  ob.device = "b";
+  ob.target = "tb.img";
+  ASSERT_TRUE(reg.StartBackups({oa, ob}, CompletionMode::kGrouped).ok());
+  ASSERT_TRUE(WaitFor([&] {
+    return reg.GetJobFile("a")->status == JobStatus::kPending &&
+           reg.GetJobFile("b")->status == JobStatus::kPending;
+  }));
+  ASSERT_TRUE(reg.Finalize("a").ok());
+  ASSERT_TRUE(WaitFor([&] {
+    return reg.GetJobFile("a")->result == JobResult::kSuccess &&
+           reg.GetJobFile("b")->result == JobResult::kSuccess;
+  }));
+}
+
 }  // namespace
 }  // namespace cbw::backup
