@@ -85,8 +85,12 @@ backup::ErrorPolicy ToErrorPolicy(const std::string& s) {
   return backup::ErrorPolicy::kReport;
 }
 
-#define CBW_ON_ERROR_VALUES \
-  { "report", "ignore", "enospc", "stop", "auto" }
+// QMP's BlockdevOnError, "auto" included (SPEC lists the other four).
+std::optional<backup::ErrorPolicy> ReadOnError(ArgReader& r, std::string_view name) {
+  auto v = r.Enum(name, {"report", "ignore", "enospc", "stop", "auto"}, false);
+  if (!v) return std::nullopt;
+  return ToErrorPolicy(*v);
+}
 
 // Reads DriveBackup's members in QEMU's schema order (BackupCommon's, then
 // target, format, mode), so the first error reported is QEMU's.
@@ -101,12 +105,8 @@ bool ReadBackupArgs(ArgReader& r, BackupArgs* out) {
   out->bitmap = r.String("bitmap", false);
   out->bitmap_mode = r.Enum("bitmap-mode", {"on-success", "never", "always"}, false);
   if (auto v = r.Bool("compress", false)) out->compress = *v;
-  if (auto v = r.Enum("on-source-error", CBW_ON_ERROR_VALUES, false)) {
-    o.on_source_error = ToErrorPolicy(*v);
-  }
-  if (auto v = r.Enum("on-target-error", CBW_ON_ERROR_VALUES, false)) {
-    o.on_target_error = ToErrorPolicy(*v);
-  }
+  if (auto v = ReadOnError(r, "on-source-error")) o.on_source_error = *v;
+  if (auto v = ReadOnError(r, "on-target-error")) o.on_target_error = *v;
   if (auto v = r.Enum("on-cbw-error", {"break-guest-write", "break-snapshot"}, false)) {
     o.on_cbw_error = *v == "break-guest-write" ? backup::CbwErrorPolicy::kBreakGuestWrite
                                                : backup::CbwErrorPolicy::kBreakSnapshot;
@@ -120,8 +120,6 @@ bool ReadBackupArgs(ArgReader& r, BackupArgs* out) {
   }
   return r.Finish();
 }
-
-#undef CBW_ON_ERROR_VALUES
 
 // The checks QEMU makes after its QAPI layer that need no side effect, in
 // QEMU's order: device lookup, format, bitmap arguments (do_backup_common),

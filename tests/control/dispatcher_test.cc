@@ -578,6 +578,31 @@ TEST_F(DispatcherTest, VerbsOnARunningJob) {
   EXPECT_EQ(ReadFile(T("drive0-full.img")), ReadFile(env_.drive_path(0)));
 }
 
+TEST_F(DispatcherTest, AcceptsEveryValidEnumValue) {
+  const std::vector<std::string> overrides = {
+      R"({"sync": "top"})",
+      R"({"sync": "none"})",
+      R"({"mode": "absolute-paths", "format": "raw"})",
+      R"({"on-source-error": "ignore", "on-target-error": "enospc"})",
+      R"({"on-source-error": "stop", "on-target-error": "auto"})",
+      R"({"on-source-error": "report", "on-target-error": "report"})",
+      R"({"on-cbw-error": "break-guest-write", "compress": false})",
+      R"({"on-cbw-error": "break-snapshot", "auto-finalize": true, "auto-dismiss": true})",
+  };
+  int n = 0;
+  for (const std::string& o : overrides) {
+    SCOPED_TRACE(o);
+    std::string id = "enum" + std::to_string(n++);
+    ordered_json extra = ordered_json::parse(o);
+    extra["job-id"] = id;
+    extra["speed"] = 1;
+    extra["target"] = T(id + ".img");
+    ExpectReply(env_, Example("drive-backup-full.json", env_.dir(), extra.dump()), 0, kOk);
+    ExpectReply(env_, R"({"execute": "job-cancel", "arguments": {"id": ")" + id + R"("}})", 0, kOk);
+    ASSERT_TRUE(env_.WaitForEnd(id));
+  }
+}
+
 TEST_F(DispatcherTest, BlockJobCancelExample) {
   ExpectReply(env_, Example("drive-backup-full.json", env_.dir(), R"({"speed": 1})"), 0, kOk);
   ExpectReply(env_, ReadExample("block-job-cancel.json"), 0, kOk);
