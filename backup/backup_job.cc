@@ -16,7 +16,9 @@
 namespace cbw::backup {
 namespace {
 
-constexpr uint64_t kMaxWaitNs = 50'000'000;  // longest the copier sleeps unwoken
+constexpr uint64_t kMaxWaitNs = 50'000'000;        // longest the copier sleeps unwoken
+constexpr uint64_t kWritebackBytes = 64ull << 20;  // start target writeback this often
+constexpr uint64_t kWritebackTag = 0xffff;         // user_data of writeback requests
 
 uint64_t MonoNs() {
   timespec ts{};
@@ -742,6 +744,7 @@ class BackupJob::Copier {
   uint64_t cursor_ = 0;
   uint64_t ext_start_ = 0, ext_end_ = 0;  // a known data extent of the source
   std::optional<PassError> perr_;
+  uint64_t unflushed_ = 0;  // bytes written since writeback was last started
 };
 
 Status BackupJob::Copier::Init() {
@@ -751,7 +754,7 @@ Status BackupJob::Copier::Init() {
       return Status::Error(ENOMEM, "no memory for copy buffers");
     }
   }
-  int r = io_uring_queue_init(j_->queue_depth_ * 2, &ring_, 0);
+  int r = io_uring_queue_init(j_->queue_depth_ * 2 + 2, &ring_, 0);
   ring_ok_ = r == 0;
   if (!ring_ok_)
     LogWarn("io_uring unavailable (" + std::string(std::strerror(-r)) + "); copying synchronously");
@@ -817,7 +820,13 @@ void BackupJob::Copier::Reap(uint64_t timeout_ns) {
     cqe = nullptr;
     if (io_uring_peek_cqe(&ring_, &cqe) != 0) break;
   }
-  for (auto [slot, res] : done) OnComplete(slot, res);
+  for (auto [slot, res] : done) {
+    if (slot == static_cast<int>(kWritebackTag)) {
+      --inflight_;  // only a hint to the kernel: its result does not matter
+    } else {
+      OnComplete(slot, res);
+    }
+  }
 }
 
 void BackupJob::Copier::OnComplete(int i, int res) {
@@ -863,6 +872,21 @@ void BackupJob::Copier::OnComplete(int i, int res) {
 }
 
 void BackupJob::Copier::SlotDone(Slot& s) {
+  // Start writeback of what is written as we go, so the disk works while we
+  // copy and the final fsync has little left to do.
+  unflushed_ += s.len - s.zero_bytes;
+  if (unflushed_ >= kWritebackBytes) {
+    unflushed_ = 0;
+    io_uring_sqe* sqe = ring_ok_ ? io_uring_get_sqe(&ring_) : nullptr;
+    if (sqe != nullptr) {
+      io_uring_prep_sync_file_range(sqe, j_->target_.fd.get(), 0, 0, SYNC_FILE_RANGE_WRITE);
+      io_uring_sqe_set_data64(sqe, kWritebackTag);
+      io_uring_submit(&ring_);
+      ++inflight_;
+    } else {
+      sync_file_range(j_->target_.fd.get(), 0, 0, SYNC_FILE_RANGE_WRITE);
+    }
+  }
   std::lock_guard<std::mutex> lock(j_->mu_);
   j_->FinishClaimLocked(s.c0, s.c1, true, s.len - s.zero_bytes, s.zero_bytes, false);
   s.phase = Phase::kFree;
