@@ -682,5 +682,25 @@ TEST_F(ControlE2E, Permissions) {
   EXPECT_EQ(r.out, "a=1\nb=1\nc=1\n") << r.err;
 }
 
+// BUG (see the report): after a write on control, the daemon sometimes dies
+// with heap corruption when a libfuse worker thread exits ("tcache_thread_
+// shutdown(): unaligned tcache chunk detected", SIGABRT/SIGSEGV): at unmount
+// (exit 134/139 instead of 0), or mid-run when an idle worker retires (the
+// mount then fails with ENOTCONN/ECONNABORTED). Drive reads/writes alone never
+// trigger it. Enable once fixed.
+TEST(ControlLifecycleE2E, DISABLED_DaemonSurvivesControlWritesAndExitsCleanly) {
+  TempDir d;
+  WriteFileOrDie(d / "src.img", RandomBytes(1 << 20, 1));
+  for (int i = 0; i < 60; ++i) {
+    SCOPED_TRACE(i);
+    CbwfsMount m;
+    ASSERT_TRUE(m.Start({"--drive", "drive0=" + (d / "src.img")}));
+    EXPECT_EQ(m.Control(Cmd("query-block")), 0);
+    EXPECT_EQ(m.Control("42"), EINVAL);
+    EXPECT_EQ(RunShell("printf 42 > " + Q(m / "control")).exit_code, 1);
+    ASSERT_EQ(m.Unmount(), 0) << m.log();
+  }
+}
+
 }  // namespace
 }  // namespace cbw::test
