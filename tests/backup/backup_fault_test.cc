@@ -342,5 +342,28 @@ TEST_F(FaultTest, FailedCopyIsRedoneByTheWaitingWriter) {
   EXPECT_TRUE(SameBytes(Target(), data_));
 }
 
+// A drive write to a cluster waits for snapshot reads of it in flight from
+// the source (frozen reads), so the reader gets the point-in-time data.
+TEST_F(FaultTest, WriteWaitsForFrozenSnapshotRead) {
+  MakeDrive(RandomBytes(2 * kMiB, 15), true);
+  ASSERT_TRUE(registry_->StartBackups({Opts(SyncMode::kNone)}).ok());
+  SetFaults("src.img read slow=500 0 65536 1");
+  std::string view(65536, '\0');
+  std::thread reader([&] {
+    auto r = registry_->ReadSnapshot("drive0", view.data(), view.size(), 0);
+    EXPECT_TRUE(r.ok());
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(150));
+  std::string w(65536, 'w');
+  auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(drive_->Write(w.data(), w.size(), 0).ok());
+  double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  reader.join();
+  EXPECT_GT(waited, 0.2);
+  EXPECT_TRUE(SameBytes(view, data_.substr(0, 65536)));
+  ASSERT_TRUE(registry_->Cancel("drive0").ok());
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+}
+
 }  // namespace
 }  // namespace cbw::backup

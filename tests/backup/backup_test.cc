@@ -6,6 +6,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
+
 #include "backup/rate_limiter.h"
 #include "backup/target.h"
 #include "tests/backup/test_util.h"
@@ -694,6 +696,45 @@ TEST(TransactionTest, GroupedFinalizeFinalizesAll) {
     return reg.GetJobFile("a")->result == JobResult::kSuccess &&
            reg.GetJobFile("b")->result == JobResult::kSuccess;
   }));
+}
+
+// Many writers, overlapping ranges: every cluster is preserved exactly once
+// (a cluster is never copied twice, at once or later).
+TEST(CopyStateTest, ConcurrentWritersCopyEachClusterOnce) {
+  const uint64_t size = 16 * kMiB + 3000;
+  std::string data = RandomBytes(size, 51);
+  Fixture f(size, data);
+  ASSERT_TRUE(f.registry->StartBackups({f.Opts("t.img", SyncMode::kNone)}).ok());
+  const uint64_t cs = 65536, n = (size + cs - 1) / cs;
+  std::vector<std::atomic<bool>> touched(n);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(t);
+      std::string w(2 * kMiB, static_cast<char>('a' + t));
+      for (int i = 0; i < 150; ++i) {
+        uint64_t off = rng() % size;
+        uint64_t len = 1 + rng() % (rng() % 4 == 0 ? 2 * kMiB : 100000);
+        auto r = f.drive->Write(w.data(), len, off);
+        ASSERT_TRUE(r.ok());
+        for (uint64_t c = off / cs; c <= (off + *r - 1) / cs; ++c) touched[c] = true;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  uint64_t bytes = 0;
+  for (uint64_t c = 0; c < n; ++c) {
+    if (touched[c]) bytes += std::min(cs, size - c * cs);
+  }
+  auto info = f.Info("drive0");
+  EXPECT_EQ(info->cbw_bytes, bytes);
+  EXPECT_EQ(info->offset, bytes);
+  EXPECT_EQ(info->skipped_bytes, 0u);
+  std::string view(size, '\0');
+  ASSERT_TRUE(f.registry->ReadSnapshot("drive0", view.data(), size, 0).ok());
+  EXPECT_TRUE(testing::SameBytes(view, data));
+  ASSERT_TRUE(f.registry->Cancel("drive0").ok());
+  ASSERT_TRUE(WaitFor([&] { return f.Ended("drive0"); }));
 }
 
 }  // namespace
