@@ -959,9 +959,8 @@ void BackupJob::Copier::DispatchOne(int i, uint64_t max_clusters) {
     std::lock_guard<std::mutex> lock(j_->mu_);
     uint64_t e = c;
     while (e < dend && j_->clusters_[e] == kDirty) ++e;
-    if (e == c) return;  // taken by a writer meanwhile
-    auto runs = j_->ClaimDirtyLocked(c, e);
-    (void)runs;
+    if (e == c) return;          // taken by a writer meanwhile
+    j_->ClaimDirtyLocked(c, e);  // [c, e) is all dirty: one run
     cursor_ = e;
     s.c0 = c;
     s.c1 = e;

@@ -174,28 +174,47 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
   return Status::Ok();
 }
 
-#define CBW_WITH_LISTED_JOB(id, call)      \
-  std::shared_ptr<BackupJob> job;          \
-  {                                        \
-    std::lock_guard<std::mutex> lock(mu_); \
-    job = state_->FindListed(id);          \
-  }                                        \
-  if (!job) return JobNotFound();          \
-  return job->call
+namespace {
+
+// The listed job `id`, looked up under the registry lock. Verbs then run
+// without that lock: they take the job's own. (A template so that it can
+// take the registry's private State without naming it.)
+template <class State>
+std::shared_ptr<BackupJob> ListedJob(std::mutex& mu, const State& state, const std::string& id) {
+  std::lock_guard<std::mutex> lock(mu);
+  return state.FindListed(id);
+}
+
+}  // namespace
 
 Status JobRegistry::Cancel(const std::string& id, bool force) {
-  CBW_WITH_LISTED_JOB(id, Cancel(force));
+  auto job = ListedJob(mu_, *state_, id);
+  return job ? job->Cancel(force) : JobNotFound();
 }
-Status JobRegistry::Pause(const std::string& id) { CBW_WITH_LISTED_JOB(id, Pause()); }
-Status JobRegistry::Resume(const std::string& id) { CBW_WITH_LISTED_JOB(id, Resume()); }
+Status JobRegistry::Pause(const std::string& id) {
+  auto job = ListedJob(mu_, *state_, id);
+  return job ? job->Pause() : JobNotFound();
+}
+Status JobRegistry::Resume(const std::string& id) {
+  auto job = ListedJob(mu_, *state_, id);
+  return job ? job->Resume() : JobNotFound();
+}
 Status JobRegistry::SetSpeed(const std::string& id, int64_t speed) {
-  CBW_WITH_LISTED_JOB(id, SetSpeed(speed));
+  auto job = ListedJob(mu_, *state_, id);
+  return job ? job->SetSpeed(speed) : JobNotFound();
 }
-Status JobRegistry::Complete(const std::string& id) { CBW_WITH_LISTED_JOB(id, Complete()); }
-Status JobRegistry::Finalize(const std::string& id) { CBW_WITH_LISTED_JOB(id, Finalize()); }
-Status JobRegistry::Dismiss(const std::string& id) { CBW_WITH_LISTED_JOB(id, Dismiss()); }
-
-#undef CBW_WITH_LISTED_JOB
+Status JobRegistry::Complete(const std::string& id) {
+  auto job = ListedJob(mu_, *state_, id);
+  return job ? job->Complete() : JobNotFound();
+}
+Status JobRegistry::Finalize(const std::string& id) {
+  auto job = ListedJob(mu_, *state_, id);
+  return job ? job->Finalize() : JobNotFound();
+}
+Status JobRegistry::Dismiss(const std::string& id) {
+  auto job = ListedJob(mu_, *state_, id);
+  return job ? job->Dismiss() : JobNotFound();
+}
 
 std::vector<JobInfo> JobRegistry::ListJobs() const {
   std::lock_guard<std::mutex> lock(mu_);

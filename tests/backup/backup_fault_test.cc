@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -363,6 +364,43 @@ TEST_F(FaultTest, WriteWaitsForFrozenSnapshotRead) {
   EXPECT_TRUE(SameBytes(view, data_.substr(0, 65536)));
   ASSERT_TRUE(registry_->Cancel("drive0").ok());
   ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+}
+
+// A real ENOSPC: the target on a tmpfs too small for it. enospc stops the
+// job (io-status nospace); after the tmpfs grows, resume completes it.
+TEST(RealEnospcTest, StopOnFullTmpfsThenResumeAfterGrowing) {
+  TempDir dir;
+  std::string mnt = dir / "tmpfs";
+  ASSERT_EQ(mkdir(mnt.c_str(), 0755), 0);
+  if (mount("cbwtest", mnt.c_str(), "tmpfs", 0, "size=2m") != 0) {
+    GTEST_SKIP() << "cannot mount tmpfs: " << std::strerror(errno);
+  }
+  std::string data = RandomBytes(4 * kMiB, 16);
+  {
+    std::string src = dir / "src.img";
+    testing::WriteAt(src, data, 0);
+    auto d = Drive::Open(DriveConfig{"drive0", src, false});
+    ASSERT_TRUE(d.ok());
+    EventBus bus;
+    EventRecorder rec(&bus);
+    RegistryOptions ro;
+    ro.base_dir = mnt;
+    JobRegistry reg({d->get()}, &bus, ro);
+    BackupOptions o;
+    o.device = "drive0";
+    o.target = "t.img";
+    o.on_target_error = ErrorPolicy::kEnospc;
+    ASSERT_TRUE(reg.StartBackups({o}).ok());
+    ASSERT_TRUE(WaitFor([&] { return reg.GetJobFile("drive0")->status == JobStatus::kPaused; }));
+    EXPECT_EQ(reg.GetJobFile("drive0")->io_status, IoStatus::kNoSpace);
+    EXPECT_NE(rec.Sequence("drive0").find("ERROR(write,stop)"), std::string::npos);
+    ASSERT_EQ(mount("cbwtest", mnt.c_str(), "tmpfs", MS_REMOUNT, "size=16m"), 0);
+    ASSERT_TRUE(reg.Resume("drive0").ok());
+    ASSERT_TRUE(WaitFor([&] { return reg.GetJobFile("drive0")->result != JobResult::kNone; }));
+    EXPECT_EQ(reg.GetJobFile("drive0")->result, JobResult::kSuccess);
+    EXPECT_TRUE(SameBytes(ReadAll(mnt + "/t.img"), data));
+  }
+  umount2(mnt.c_str(), MNT_DETACH);
 }
 
 }  // namespace
