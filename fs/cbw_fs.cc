@@ -560,15 +560,22 @@ void CbwFs::Write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, 
   if (ctx->uid != 0 && ctx->uid != config_.uid) return (void)fuse_reply_err(req, EACCES);
 
   auto* h = reinterpret_cast<ControlHandle*>(fi->fh);
-  std::lock_guard lock(h->mu);  // the commands of one open run in write order
-  control::WriteOutcome out = dispatcher_->Execute(std::string_view(buf, size));
-  h->stream += out.responses.empty() && out.error ? out.last_reply : out.responses;
-  if (out.error == 0) h->written += size;
-  if (!out.last_reply.empty()) {
-    std::lock_guard l2(mu_);
-    last_reply_ = out.last_reply;
+  int err = 0;
+  {
+    // The commands of one open run in write order. The lock ends before the
+    // reply: once the write returns, the opener may close and the release
+    // (on another worker) frees h.
+    std::lock_guard lock(h->mu);
+    control::WriteOutcome out = dispatcher_->Execute(std::string_view(buf, size));
+    h->stream += out.responses.empty() && out.error ? out.last_reply : out.responses;
+    if (out.error == 0) h->written += size;
+    if (!out.last_reply.empty()) {
+      std::lock_guard l2(mu_);
+      last_reply_ = out.last_reply;
+    }
+    err = out.error;
   }
-  if (out.error) return (void)fuse_reply_err(req, out.error);
+  if (err) return (void)fuse_reply_err(req, err);
   fuse_reply_write(req, size);
 }
 
