@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# cbwfs demo: installs what is missing, builds, makes a 256 MiB image, mounts
+# cbwfs demo: installs what is missing, builds, makes an image (256 MiB), mounts
 # it, starts a full backup while a writer keeps overwriting the drive, shows
 # progress, verifies the target against the drive's checksum at the point in
 # time, and unmounts.        Usage: examples/demo.sh   (as root)
+#   CBWFS_BINARY=path  use that cbwfs instead of building one into build/
+#   DEMO_MB=N          size of the demo image in MiB (default 256)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tests/lib/install-deps.sh
+size_mb=${DEMO_MB:-256}
 
-echo "== building"
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-ninja -C build cbwfs >/dev/null
-CBWFS=$PWD/build/fs/cbwfs
+if [ -n "${CBWFS_BINARY:-}" ]; then
+  CBWFS=$CBWFS_BINARY
+else
+  tests/lib/install-deps.sh
+  echo "== building"
+  cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+  ninja -C build cbwfs >/dev/null
+  CBWFS=$PWD/build/fs/cbwfs
+fi
 
 work=$(mktemp -d /tmp/cbwfs-demo.XXXXXX)
 mnt=$work/mnt
@@ -23,8 +30,8 @@ cleanup() {
 trap cleanup EXIT
 mkdir -p "$mnt"
 
-echo "== making a 256 MiB image with random data"
-head -c $((256 << 20)) /dev/urandom > "$work/vm.img"
+echo "== making a ${size_mb} MiB image with random data"
+head -c $((size_mb << 20)) /dev/urandom > "$work/vm.img"
 
 echo "== mounting: cbwfs --drive drive0=$work/vm.img $mnt"
 "$CBWFS" --drive drive0="$work/vm.img" "$mnt"
@@ -38,7 +45,7 @@ writer() {
   while :; do
     if [ -e "$work/hold" ]; then : > "$work/held"; sleep 0.01; continue; fi
     rm -f "$work/held"
-    dd if=/dev/urandom of="$mnt/drive0" bs=64K count=1 seek=$((RANDOM % 4096)) \
+    dd if=/dev/urandom of="$mnt/drive0" bs=64K count=1 seek=$((RANDOM % (size_mb * 16))) \
        conv=notrunc status=none
     n=$((n + 1)); echo "$n" > "$work/writes"
   done

@@ -531,5 +531,14 @@ TEST_F(BackupE2E, StopDuringJobCancelsItAndKeepsSource) {
   EXPECT_EQ(ReadFileOrDie(dir_ / "src.img"), image_);
 }
 
+// The README's demo runs as documented (on the binary under test, a smaller image).
+TEST(DemoExample, BacksUpUnderAWriterAndVerifies) {
+  CommandResult r = RunShell("CBWFS_BINARY='" + CbwfsBinary() + "' DEMO_MB=32 '" +
+                                 std::string(CBW_SOURCE_DIR) + "/examples/demo.sh'",
+                             std::chrono::seconds(180));
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("OK: the backup equals the drive"), std::string::npos) << r.out;
+}
+
 }  // namespace
 }  // namespace cbw::test
