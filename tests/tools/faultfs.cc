@@ -263,8 +263,7 @@ int main(int argc, char** argv) {
   ops.utimens = Utimens;
   ops.fallocate = Fallocate;
   ops.lseek = Lseek;
-  std::vector<char*> args = {argv[0], const_cast<char*>("-f"), const_cast<char*>("-o"),
-                             const_cast<char*>("max_threads=16"), argv[2]};
+  std::vector<char*> args = {argv[0], const_cast<char*>("-f"), argv[2]};
   for (int i = 3; i < argc; ++i) args.push_back(argv[i]);
   return fuse_main(static_cast<int>(args.size()), args.data(), &ops, nullptr);
 }
