@@ -1,0 +1,1 @@
+// Soak test: see below (being written).
