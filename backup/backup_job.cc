@@ -200,8 +200,7 @@ BackupJob::BackupJob(JobParams p)
       size_(p.drive->size()),
       nclusters_((p.drive->size() + p.cluster_size - 1) / p.cluster_size),
       hook_(std::make_shared<Hook>(this)),
-      clusters_(nclusters_, kDirty),
-      dirty_count_(nclusters_),
+      clusters_(nclusters_),
       speed_(p.options.speed),
       limiter_(p.options.speed, chunk_size_, p.cluster_size, MonoNs()) {
   started_ = RealSeconds();
@@ -250,34 +249,18 @@ uint64_t BackupJob::ClusterBytes(uint64_t c0, uint64_t c1) const {
 
 std::vector<BackupJob::ClusterRun> BackupJob::ClaimDirtyLocked(uint64_t c0, uint64_t c1) {
   std::vector<ClusterRun> runs;
-  for (uint64_t c = c0; c < c1; ++c) {
-    if (clusters_[c] != kDirty) continue;
-    clusters_[c] = kCopying;
-    if (!runs.empty() && runs.back().c1 == c) {
-      runs.back().c1 = c + 1;
-    } else {
-      runs.push_back({c, c + 1});
-    }
-  }
-  for (const auto& r : runs) {
-    dirty_count_ -= r.c1 - r.c0;
-    copying_count_ += r.c1 - r.c0;
-  }
+  for (const auto& [a, b] : clusters_.Claim(c0, c1)) runs.push_back({a, b});
   return runs;
 }
 
 void BackupJob::FinishClaimLocked(uint64_t c0, uint64_t c1, bool ok, uint64_t data_bytes,
                                   uint64_t zero_bytes, bool cbw) {
-  std::fill(clusters_.begin() + static_cast<ptrdiff_t>(c0),
-            clusters_.begin() + static_cast<ptrdiff_t>(c1), ok ? kDone : kDirty);
-  copying_count_ -= c1 - c0;
+  clusters_.Finish(c0, c1, ok);
   if (ok) {
     offset_ += data_bytes + zero_bytes;
     skipped_bytes_ += zero_bytes;
     if (cbw) cbw_bytes_ += data_bytes;
     SampleRateLocked();
-  } else {
-    dirty_count_ += c1 - c0;
   }
   cv_.notify_all();
 }
@@ -544,7 +527,9 @@ Status BackupJob::BeforeWrite(uint64_t offset, uint64_t length) {
   const uint64_t c1 =
       std::min(nclusters_, (std::min(offset + length, size_) + cluster_size_ - 1) / cluster_size_);
   std::unique_lock<std::mutex> lock(mu_);
-  if (dirty_count_ == 0 && copying_count_ == 0 && frozen_reads_.empty()) return Status::Ok();
+  if (clusters_.dirty_count() == 0 && clusters_.copying_count() == 0 && frozen_reads_.empty()) {
+    return Status::Ok();
+  }
   for (;;) {
     if (stopping_ || broken_) return Status::Ok();
     std::vector<ClusterRun> runs = ClaimDirtyLocked(c0, c1);
@@ -576,9 +561,7 @@ Status BackupJob::BeforeWrite(uint64_t offset, uint64_t length) {
       }
       continue;
     }
-    bool copying = false;
-    for (uint64_t c = c0; c < c1 && !copying; ++c) copying = clusters_[c] == kCopying;
-    if (!copying) break;
+    if (!clusters_.AnyCopying(c0, c1)) break;
     cv_.wait(lock);
   }
   // The old data is safe in the target; snapshot readers still reading it
@@ -606,7 +589,7 @@ Result<size_t> BackupJob::ReadSnapshot(void* buf, size_t len, uint64_t off) {
     for (uint64_t c = c0; c < c1; ++c) {
       uint64_t s = std::max(off, c * cluster_size_);
       uint64_t e = std::min(off + len, (c + 1) * cluster_size_);
-      bool t = clusters_[c] == kDone;
+      bool t = clusters_.Get(c) == ClusterMap::State::kDone;
       if (!segs.empty() && segs.back().from_target == t) {
         segs.back().len += e - s;
       } else {
@@ -657,7 +640,7 @@ Result<uint64_t> BackupJob::SeekSnapshot(uint64_t off, int whence) {
     if (stopping_ || broken_) return Status::Error(EIO, "snapshot is no longer available");
     if (off >= size_) return Status::Error(ENXIO, "past the end");
     for (uint64_t c = off / cluster_size_; c < nclusters_; ++c) {
-      bool t = clusters_[c] == kDone;
+      bool t = clusters_.Get(c) == ClusterMap::State::kDone;
       uint64_t s = std::max(off, c * cluster_size_);
       uint64_t e = std::min(size_, (c + 1) * cluster_size_);
       if (!runs.empty() && runs.back().from_target == t) {
@@ -906,7 +889,7 @@ void BackupJob::Copier::DispatchOne(int i, uint64_t max_clusters) {
   uint64_t c;
   {
     std::lock_guard<std::mutex> lock(j_->mu_);
-    while (cursor_ < n && j_->clusters_[cursor_] != kDirty) ++cursor_;
+    cursor_ = j_->clusters_.NextDirty(cursor_);
     if (cursor_ >= n) return;
     c = cursor_;
   }
@@ -957,8 +940,7 @@ void BackupJob::Copier::DispatchOne(int i, uint64_t max_clusters) {
   Slot& s = slots_[i];
   {
     std::lock_guard<std::mutex> lock(j_->mu_);
-    uint64_t e = c;
-    while (e < dend && j_->clusters_[e] == kDirty) ++e;
+    uint64_t e = std::min(dend, j_->clusters_.NextClean(c));
     if (e == c) return;          // taken by a writer meanwhile
     j_->ClaimDirtyLocked(c, e);  // [c, e) is all dirty: one run
     cursor_ = e;
@@ -1020,10 +1002,10 @@ BackupJob::Outcome BackupJob::Copier::Run() {
       continue;
     }
     if (cursor_ < j_->nclusters_) continue;
-    if (j_->dirty_count_ == 0 && j_->copying_count_ == 0) break;
+    if (j_->clusters_.dirty_count() == 0 && j_->clusters_.copying_count() == 0) break;
     // Clusters still in a writer's hands, or returned dirty by a failed CBW:
     // wait for the writers, then sweep again from the start.
-    if (j_->copying_count_ > 0) j_->cv_.wait(lock);
+    if (j_->clusters_.copying_count() > 0) j_->cv_.wait(lock);
     cursor_ = 0;
   }
   // Durability before success.

@@ -35,6 +35,7 @@
 #include <utility>
 #include <vector>
 
+#include "backup/cluster_map.h"
 #include "backup/drive.h"
 #include "backup/event_bus.h"
 #include "backup/job_types.h"
@@ -143,7 +144,6 @@ class BackupJob : public std::enable_shared_from_this<BackupJob> {
   class Hook;
   class Copier;
   friend class Copier;
-  enum ClusterState : uint8_t { kDirty = 0, kCopying = 1, kDone = 2 };
   struct ClusterRun {
     uint64_t c0, c1;
   };
@@ -195,9 +195,7 @@ class BackupJob : public std::enable_shared_from_this<BackupJob> {
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::vector<uint8_t> clusters_;  // ClusterState per cluster
-  uint64_t dirty_count_ = 0;
-  uint64_t copying_count_ = 0;
+  ClusterMap clusters_;
   std::vector<ClusterRun> frozen_reads_;
   unsigned view_users_ = 0;  // snapshot reads/seeks using the fds right now
   JobStatus status_ = JobStatus::kCreated;

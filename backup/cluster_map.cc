@@ -1,0 +1,85 @@
+#include "backup/cluster_map.h"
+
+#include <algorithm>
+
+namespace cbw::backup {
+
+ClusterMap::ClusterMap(uint64_t n) : n_(n), bits_((n + 63) / 64, ~uint64_t{0}), dirty_count_(n) {
+  if (n % 64) bits_.back() = (uint64_t{1} << (n % 64)) - 1;
+}
+
+ClusterMap::State ClusterMap::Get(uint64_t c) const {
+  if (IsDirty(c)) return State::kDirty;
+  return AnyCopying(c, c + 1) ? State::kCopying : State::kDone;
+}
+
+uint64_t ClusterMap::NextDirty(uint64_t from) const {
+  if (from >= n_) return n_;
+  uint64_t w = from / 64;
+  uint64_t word = bits_[w] & (~uint64_t{0} << (from % 64));
+  for (;;) {
+    if (word) return std::min(n_, w * 64 + static_cast<uint64_t>(__builtin_ctzll(word)));
+    if (++w >= bits_.size()) return n_;
+    word = bits_[w];
+  }
+}
+
+uint64_t ClusterMap::NextClean(uint64_t from) const {
+  if (from >= n_) return n_;
+  uint64_t w = from / 64;
+  uint64_t word = ~bits_[w] & (~uint64_t{0} << (from % 64));
+  for (;;) {
+    if (word) return std::min(n_, w * 64 + static_cast<uint64_t>(__builtin_ctzll(word)));
+    if (++w >= bits_.size()) return n_;
+    word = ~bits_[w];
+  }
+}
+
+bool ClusterMap::AnyCopying(uint64_t c0, uint64_t c1) const {
+  for (const auto& [a, b] : copying_) {
+    if (a < c1 && c0 < b) return true;
+  }
+  return false;
+}
+
+void ClusterMap::SetDirty(uint64_t c0, uint64_t c1, bool dirty) {
+  for (uint64_t c = c0; c < c1;) {
+    uint64_t w = c / 64, lo = c % 64;
+    uint64_t hi = std::min<uint64_t>(64, lo + (c1 - c));
+    uint64_t mask = (hi == 64 ? ~uint64_t{0} : ((uint64_t{1} << hi) - 1)) & (~uint64_t{0} << lo);
+    if (dirty) {
+      bits_[w] |= mask;
+    } else {
+      bits_[w] &= ~mask;
+    }
+    c += hi - lo;
+  }
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> ClusterMap::Claim(uint64_t c0, uint64_t c1) {
+  std::vector<std::pair<uint64_t, uint64_t>> runs;
+  c1 = std::min(c1, n_);
+  for (uint64_t a = NextDirty(c0); a < c1; a = NextDirty(a)) {
+    uint64_t b = std::min(c1, NextClean(a));
+    SetDirty(a, b, false);
+    copying_.emplace_back(a, b);
+    runs.emplace_back(a, b);
+    dirty_count_ -= b - a;
+    copying_count_ += b - a;
+    a = b;
+  }
+  return runs;
+}
+
+void ClusterMap::Finish(uint64_t c0, uint64_t c1, bool ok) {
+  auto it = std::find(copying_.begin(), copying_.end(), std::make_pair(c0, c1));
+  if (it == copying_.end()) return;  // not a claim: nothing to end
+  copying_.erase(it);
+  copying_count_ -= c1 - c0;
+  if (!ok) {
+    SetDirty(c0, c1, true);
+    dirty_count_ += c1 - c0;
+  }
+}
+
+}  // namespace cbw::backup

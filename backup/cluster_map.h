@@ -1,0 +1,54 @@
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace cbw::backup {
+
+// Per-cluster copy state of one job, in one bit per cluster plus a short list
+// of in-flight claims, so a job costs 2 MiB of memory per TiB of drive at the
+// default 64 KiB clusters.
+//
+// A cluster is dirty (the source still holds its point-in-time data and no
+// one is copying it), copying (claimed by exactly one copier: the background
+// thread or a CBW writer), or done (the target holds it). Claims are few at
+// any time (the copier's queue depth plus one per concurrent drive writer),
+// so the in-flight list is a plain vector.
+//
+// Not thread-safe: the owning job guards it with its mutex.
+class ClusterMap {
+ public:
+  enum class State { kDirty, kCopying, kDone };
+
+  // All `n` clusters start dirty.
+  explicit ClusterMap(uint64_t n);
+
+  uint64_t size() const { return n_; }
+  uint64_t dirty_count() const { return dirty_count_; }
+  uint64_t copying_count() const { return copying_count_; }
+  State Get(uint64_t c) const;
+  bool IsDirty(uint64_t c) const { return (bits_[c / 64] >> (c % 64)) & 1; }
+  // The first dirty cluster at or after `from`, or size() if none.
+  uint64_t NextDirty(uint64_t from) const;
+  // The first cluster at or after `from` that is not dirty, or size().
+  uint64_t NextClean(uint64_t from) const;
+  // Whether any cluster in [c0, c1) is being copied.
+  bool AnyCopying(uint64_t c0, uint64_t c1) const;
+
+  // Claims every dirty cluster in [c0, c1) for copying; returns the claimed
+  // runs [first, second) in ascending order.
+  std::vector<std::pair<uint64_t, uint64_t>> Claim(uint64_t c0, uint64_t c1);
+  // Ends the claim of exactly the run [c0, c1): done if `ok`, else dirty again.
+  void Finish(uint64_t c0, uint64_t c1, bool ok);
+
+ private:
+  void SetDirty(uint64_t c0, uint64_t c1, bool dirty);
+
+  uint64_t n_;
+  std::vector<uint64_t> bits_;  // 1 = dirty
+  std::vector<std::pair<uint64_t, uint64_t>> copying_;
+  uint64_t dirty_count_;
+  uint64_t copying_count_ = 0;
+};
+
+}  // namespace cbw::backup
