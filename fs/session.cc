@@ -86,9 +86,13 @@ Status Session::Daemonize() {
 
 Status Session::Loop() {
   fuse_loop_config* cfg = fuse_loop_cfg_create();
+  // One /dev/fuse fd per worker (no contention on a shared fd). Workers are
+  // started on demand and never retired: a cap on idle threads makes libfuse
+  // create and destroy a thread per request under load. 16 bounds memory (each
+  // worker owns a max_write-sized buffer) while leaving room for writers that
+  // wait on CBW copies; blocked events readers hold no worker.
   fuse_loop_cfg_set_clone_fd(cfg, 1);
-  fuse_loop_cfg_set_max_threads(cfg, 64);
-  fuse_loop_cfg_set_idle_threads(cfg, 8);
+  fuse_loop_cfg_set_max_threads(cfg, 16);
   int r = fuse_session_loop_mt(se_, cfg);
   fuse_loop_cfg_destroy(cfg);
   ready_fd_.Reset();

@@ -3,7 +3,8 @@
 # the whole test suite with ctest.
 #   tests/run.sh           the suite (unit + end-to-end through real FUSE mounts)
 #   tests/run.sh --asan    the same, built with AddressSanitizer + UBSan
-#   tests/run.sh --tsan    the concurrency tests, built with ThreadSanitizer
+#   tests/run.sh --tsan    the unit tests (engine concurrency, stress, control), built with
+#                          ThreadSanitizer
 #   tests/run.sh --fuzz    the libFuzzer targets (clang), for a bounded time
 # BUILD_DIR overrides the build folder (default: build-test[-asan|-tsan|-fuzz]).
 set -euo pipefail
@@ -12,12 +13,12 @@ mode=${1:-}
 tests/lib/install-deps.sh
 
 cmake_args=(-G Ninja -DCBW_WERROR=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo)
-ctest_args=(--output-on-failure --timeout 900)
+ctest_args=(--output-on-failure --timeout 900 -j2)
 suffix=""
 case "$mode" in
   "") ;;
   --asan) suffix=-asan; cmake_args+=(-DCBW_SANITIZE=ON) ;;
-  --tsan) suffix=-tsan; cmake_args+=(-DCBW_TSAN=ON); ctest_args+=(-L tsan) ;;
+  --tsan) suffix=-tsan; cmake_args+=(-DCBW_TSAN=ON); ctest_args+=(-L unit) ;;
   --fuzz) suffix=-fuzz; cmake_args+=(-DCBW_FUZZ=ON -DCMAKE_CXX_COMPILER=clang++); ctest_args+=(-L fuzz) ;;
   *) echo "usage: tests/run.sh [--asan|--tsan|--fuzz]" >&2; exit 2 ;;
 esac
