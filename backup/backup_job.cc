@@ -463,7 +463,7 @@ double BackupJob::finished_time() const {
 
 bool BackupJob::view_available() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return !stopping_;
+  return !stopping_ && !cancel_requested_;
 }
 
 // ---------------------------------------------------------------- CBW
@@ -581,7 +581,9 @@ Result<size_t> BackupJob::ReadSnapshot(void* buf, size_t len, uint64_t off) {
   ClusterRun frozen{0, 0};
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_ || broken_) return Status::Error(EIO, "snapshot is no longer available");
+    if (stopping_ || broken_ || cancel_requested_) {
+      return Status::Error(EIO, "snapshot is no longer available");
+    }
     if (off >= size_ || len == 0) return size_t{0};
     len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
     uint64_t c0 = off / cluster_size_;
@@ -621,7 +623,9 @@ Result<size_t> BackupJob::ReadSnapshot(void* buf, size_t len, uint64_t off) {
   --view_users_;
   cv_.notify_all();
   // A snapshot that broke while we read may have handed us new data.
-  if (stopping_ || broken_) return Status::Error(EIO, "snapshot is no longer available");
+  if (stopping_ || broken_ || cancel_requested_) {
+    return Status::Error(EIO, "snapshot is no longer available");
+  }
   if (err != 0) return Status::FromErrno(err, "snapshot read");
   return len;
 }
@@ -637,7 +641,9 @@ Result<uint64_t> BackupJob::SeekSnapshot(uint64_t off, int whence) {
   std::vector<Run> runs;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_ || broken_) return Status::Error(EIO, "snapshot is no longer available");
+    if (stopping_ || broken_ || cancel_requested_) {
+      return Status::Error(EIO, "snapshot is no longer available");
+    }
     if (off >= size_) return Status::Error(ENXIO, "past the end");
     for (uint64_t c = off / cluster_size_; c < nclusters_; ++c) {
       bool t = clusters_.Get(c) == ClusterMap::State::kDone;
@@ -670,7 +676,9 @@ Result<uint64_t> BackupJob::SeekSnapshot(uint64_t off, int whence) {
   std::lock_guard<std::mutex> lock(mu_);
   --view_users_;
   cv_.notify_all();
-  if (stopping_ || broken_) return Status::Error(EIO, "snapshot is no longer available");
+  if (stopping_ || broken_ || cancel_requested_) {
+    return Status::Error(EIO, "snapshot is no longer available");
+  }
   return result;
 }
 
