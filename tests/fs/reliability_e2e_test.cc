@@ -2,7 +2,7 @@
 // under writers and jobs, unmount and signals during jobs, a target that stops
 // answering, hostile targets and control traffic, and access by another user.
 // Each test runs the real cbwfs on temp mounts and fails if a SPEC promise
-// breaks. Knob: CBW_KILLS (how many SIGKILLs the crash test deals, default 12).
+// breaks. Knob: CBW_KILLS (how many SIGKILLs the crash test deals, default 20).
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <signal.h>
@@ -282,7 +282,7 @@ std::vector<json> EventsOf(const std::string& text, const std::string& name) {
 // `fusermount3 -uz` a new cbwfs mounts the same image at once (locks went with
 // the process); a job that never completed is never shown as a success.
 TEST(CrashSafety, SigkillMidWriteAndMidJobLosesNoAcknowledgedWrite) {
-  const int kills = EnvInt("CBW_KILLS", 12);
+  const int kills = EnvInt("CBW_KILLS", 20);
   constexpr uint64_t kSize = 8 << 20, kWriters = 4, kRegion = kSize / kWriters;
   TempDir dir;
   const std::string src = dir / "src.img";
@@ -400,10 +400,10 @@ TEST(CrashSafety, SigkillMidWriteAndMidJobLosesNoAcknowledgedWrite) {
   EXPECT_EQ(ReadFileOrDie(src), last);
 
   RecordProperty("kills", kills);
-  RecordProperty("writer_ops", static_cast<int64_t>(total_ops));
-  RecordProperty("fdatasyncs", static_cast<int64_t>(total_syncs));
-  RecordProperty("writes_interrupted_by_kill", static_cast<int64_t>(interrupted));
-  RecordProperty("bytes_verified", static_cast<int64_t>(bytes_checked));
+  RecordProperty("writer_ops", std::to_string(total_ops));
+  RecordProperty("fdatasyncs", std::to_string(total_syncs));
+  RecordProperty("writes_interrupted_by_kill", std::to_string(interrupted));
+  RecordProperty("bytes_verified", std::to_string(bytes_checked));
   RecordProperty("worst_restart_ms", static_cast<int>(worst_restart * 1000));
   RecordProperty("worst_leftover_refusal_ms", static_cast<int>(worst_refusal * 1000));
   RecordProperty("seconds", static_cast<int>(Seconds(Clock::now() - t0)));
@@ -959,7 +959,7 @@ TEST_F(Hostile, SixteenConcurrentOpenersGetTheirOwnReplies) {
   EXPECT_TRUE(mount_.alive()) << mount_.log();
   ASSERT_EQ(mount_.Control(Cmd("job-cancel", {{"id", "busy"}})), 0);
   EXPECT_TRUE(WaitResult(mount_, "busy"));
-  RecordProperty("replies", static_cast<int64_t>(replies.load()));
+  RecordProperty("replies", std::to_string(replies.load()));
 }
 
 // ---------------------------------------------------------------------------
