@@ -199,6 +199,7 @@ BackupJob::BackupJob(JobParams p)
       queue_depth_(std::max(1u, p.queue_depth)),
       size_(p.drive->size()),
       nclusters_((p.drive->size() + p.cluster_size - 1) / p.cluster_size),
+      cbw_timeout_(p.cbw_timeout),
       hook_(std::make_shared<Hook>(this)),
       clusters_(nclusters_),
       speed_(p.options.speed),
@@ -216,6 +217,12 @@ void BackupJob::Join() {
   } else {
     thread_.join();
   }
+}
+
+bool BackupJob::WaitFinished(std::chrono::steady_clock::time_point deadline) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!thread_started_) return true;
+  return cv_.wait_until(lock, deadline, [&] { return run_finished_; });
 }
 
 void BackupJob::PublishLocked(Event e) {
@@ -309,7 +316,12 @@ void BackupJob::Start() {
     TransitionLocked(JobStatus::kRunning);
   }
   std::lock_guard<std::mutex> lock(join_mu_);
-  thread_ = std::thread(&BackupJob::Run, this);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    thread_started_ = true;
+  }
+  // The job thread holds the job, so that Shutdown may leave it behind.
+  thread_ = std::thread([self = shared_from_this()] { self->Run(); });
 }
 
 // ---------------------------------------------------------------- verbs
@@ -492,6 +504,9 @@ Status BackupJob::CopySync(uint64_t off, uint64_t len, uint64_t* zero_bytes) {
   std::unique_ptr<char[]> buf(new (std::nothrow) char[piece]);
   if (!buf) return Status::Error(ENOMEM, "no memory for a copy-before-write buffer");
   for (uint64_t done = 0; done < len;) {
+    // A worker that was stuck in the previous piece must not touch the
+    // drive once the job has concluded (the drive may be gone).
+    if (ending_.load()) return Status::Error(ECANCELED, "job ended");
     size_t n = static_cast<size_t>(std::min<uint64_t>(len - done, piece));
     ssize_t r = PreadFull(drive_->fd(), buf.get(), n, off + done);
     if (r < 0) return Status::FromErrno(errno, "read from source");
@@ -530,44 +545,142 @@ Status BackupJob::BeforeWrite(uint64_t offset, uint64_t length) {
   if (clusters_.dirty_count() == 0 && clusters_.copying_count() == 0 && frozen_reads_.empty()) {
     return Status::Ok();
   }
+  // Every wait below is bounded by one deadline: a target that stopped
+  // answering must not hang the drive.
+  const auto deadline = std::chrono::steady_clock::now() + cbw_timeout_;
   for (;;) {
     if (stopping_ || broken_) return Status::Ok();
     std::vector<ClusterRun> runs = ClaimDirtyLocked(c0, c1);
     if (!runs.empty()) {
-      lock.unlock();
-      std::vector<Status> results;
-      std::vector<uint64_t> zeros(runs.size(), 0);
-      for (size_t k = 0; k < runs.size(); ++k) {
-        results.push_back(
-            CopySync(runs[k].c0 * cluster_size_, ClusterBytes(runs[k].c0, runs[k].c1), &zeros[k]));
+      // The copies run on CBW workers, so that this writer can give up on
+      // them (they may be stuck in target I/O) while they finish in the
+      // background; the workers end the claims.
+      std::vector<std::shared_ptr<CbwTask>> mine;
+      for (const auto& r : runs) {
+        auto t = std::make_shared<CbwTask>();
+        t->c0 = r.c0;
+        t->c1 = r.c1;
+        mine.push_back(t);
+        cbw_queue_.push_back(mine.back());
       }
-      lock.lock();
-      const Status* failure = nullptr;
-      for (size_t k = 0; k < runs.size(); ++k) {
-        uint64_t bytes = ClusterBytes(runs[k].c0, runs[k].c1);
-        FinishClaimLocked(runs[k].c0, runs[k].c1, results[k].ok(), bytes - zeros[k], zeros[k],
-                          true);
-        if (!results[k].ok() && failure == nullptr) failure = &results[k];
-      }
-      if (failure != nullptr) {
+      SpawnCbwWorkerLocked();
+      bool done = cv_.wait_until(lock, deadline, [&] {
+        return stopping_ || broken_ ||
+               std::all_of(mine.begin(), mine.end(), [](const auto& t) { return t->done; });
+      });
+      if (stopping_ || broken_) return Status::Ok();
+      if (!done) return CbwTimeoutLocked(mine);
+      for (const auto& t : mine) {
+        if (t->result.ok()) continue;
+        const Status& failure = t->result;
         if (options_.on_cbw_error == CbwErrorPolicy::kBreakGuestWrite) {
           LogWarn("job '" + id_ +
-                  "': copy-before-write failed, refusing the drive write: " + failure->message());
-          return Status::Error(EIO, "copy-before-write failed: " + failure->message());
+                  "': copy-before-write failed, refusing the drive write: " + failure.message());
+          return Status::Error(EIO, "copy-before-write failed: " + failure.message());
         }
         broken_ = true;
-        SetErrorLocked(failure->code(), std::strerror(failure->code()));
+        SetErrorLocked(failure.code(), std::strerror(failure.code()));
         return Status::Ok();
       }
       continue;
     }
     if (!clusters_.AnyCopying(c0, c1)) break;
-    cv_.wait(lock);
+    if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) return CbwTimeoutLocked({});
   }
   // The old data is safe in the target; snapshot readers still reading it
   // from the source must finish before the source changes.
-  cv_.wait(lock, [&] { return stopping_ || broken_ || !FrozenOverlapsLocked(c0, c1); });
+  if (!cv_.wait_until(lock, deadline,
+                      [&] { return stopping_ || broken_ || !FrozenOverlapsLocked(c0, c1); })) {
+    return CbwTimeoutLocked({});
+  }
   return Status::Ok();
+}
+
+Status BackupJob::CbwTimeoutLocked(const std::vector<std::shared_ptr<CbwTask>>& mine) {
+  // Copies no worker has started yet are taken back; started ones stay with
+  // their (stuck) worker, which ends the claim if its I/O ever returns.
+  for (const auto& t : mine) {
+    if (t->started) continue;
+    auto it = std::find(cbw_queue_.begin(), cbw_queue_.end(), t);
+    if (it != cbw_queue_.end()) cbw_queue_.erase(it);
+    FinishClaimLocked(t->c0, t->c1, false, 0, 0, true);
+  }
+  const auto ms = cbw_timeout_.count();
+  const std::string what =
+      "copy-before-write timed out after " +
+      (ms % 1000 == 0 ? std::to_string(ms / 1000) + " s" : std::to_string(ms) + " ms") +
+      " (target not answering)";
+  if (options_.on_cbw_error == CbwErrorPolicy::kBreakGuestWrite) {
+    LogWarn("job '" + id_ + "': " + what + ", refusing the drive write");
+    return Status::Error(EIO, what);
+  }
+  broken_ = true;
+  SetErrorLocked(ETIMEDOUT, what);
+  return Status::Ok();
+}
+
+void BackupJob::SpawnCbwWorkerLocked() {
+  // Enough workers for what is queued, within a cap: writers beyond it wait
+  // in the queue (and time out like any other CBW if all workers hang).
+  constexpr unsigned kMaxCbwWorkers = 16;
+  if (cbw_idle_ >= cbw_queue_.size() || cbw_threads_ >= kMaxCbwWorkers) {
+    cbw_cv_.notify_all();
+    return;
+  }
+  ++cbw_threads_;
+  // The worker holds the job: it may outlive every other owner while stuck.
+  std::thread([self = shared_from_this()] { self->CbwWorker(); }).detach();
+  cbw_cv_.notify_all();
+}
+
+void BackupJob::CbwWorker() {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    if (stopping_) {
+      // The job is ending: its target may be closed; give the rest back.
+      while (!cbw_queue_.empty()) {
+        auto t = cbw_queue_.front();
+        cbw_queue_.pop_front();
+        FinishClaimLocked(t->c0, t->c1, false, 0, 0, true);
+        t->result = Status::Error(ECANCELED, "job ending");
+        t->done = true;
+      }
+      break;
+    }
+    if (cbw_queue_.empty()) {
+      ++cbw_idle_;
+      bool work = cbw_cv_.wait_for(lock, std::chrono::seconds(10),
+                                   [&] { return stopping_ || !cbw_queue_.empty(); });
+      --cbw_idle_;
+      if (!work) break;  // idle for long: let the thread go
+      continue;
+    }
+    auto t = cbw_queue_.front();
+    cbw_queue_.pop_front();
+    t->started = true;
+    ++target_users_;
+    lock.unlock();
+    uint64_t zeros = 0;
+    const uint64_t bytes = ClusterBytes(t->c0, t->c1);
+    Status st = CopySync(t->c0 * cluster_size_, bytes, &zeros);
+    lock.lock();
+    FinishClaimLocked(t->c0, t->c1, st.ok(), bytes - zeros, zeros, true);
+    t->result = std::move(st);
+    t->done = true;
+    cv_.notify_all();
+    if (UniqueFd fd = ReleaseTargetLocked(); fd.valid()) {
+      lock.unlock();
+      fd.Reset();  // may block on a dead target: not with mu_ held
+      lock.lock();
+    }
+  }
+  --cbw_threads_;
+}
+
+UniqueFd BackupJob::ReleaseTargetLocked() {
+  --target_users_;
+  if (target_users_ == 0 && target_orphaned_) return std::move(target_.fd);
+  return UniqueFd();
 }
 
 // ---------------------------------------------------------------- views
@@ -600,7 +713,7 @@ Result<size_t> BackupJob::ReadSnapshot(void* buf, size_t len, uint64_t off) {
     }
     frozen = {c0, c1};
     frozen_reads_.push_back(frozen);
-    ++view_users_;
+    ++target_users_;
   }
   int err = 0;
   for (const auto& sg : segs) {
@@ -613,6 +726,7 @@ Result<size_t> BackupJob::ReadSnapshot(void* buf, size_t len, uint64_t off) {
     }
     if (static_cast<uint64_t>(r) < sg.len) std::memset(p + r, 0, sg.len - static_cast<size_t>(r));
   }
+  UniqueFd closing;  // declared first: closed after the lock is released
   std::lock_guard<std::mutex> lock(mu_);
   for (auto it = frozen_reads_.begin(); it != frozen_reads_.end(); ++it) {
     if (it->c0 == frozen.c0 && it->c1 == frozen.c1) {
@@ -620,7 +734,7 @@ Result<size_t> BackupJob::ReadSnapshot(void* buf, size_t len, uint64_t off) {
       break;
     }
   }
-  --view_users_;
+  closing = ReleaseTargetLocked();
   cv_.notify_all();
   // A snapshot that broke while we read may have handed us new data.
   if (stopping_ || broken_ || cancel_requested_) {
@@ -655,7 +769,7 @@ Result<uint64_t> BackupJob::SeekSnapshot(uint64_t off, int whence) {
         runs.push_back({s, e, t});
       }
     }
-    ++view_users_;
+    ++target_users_;
   }
   Result<uint64_t> result = whence == SEEK_DATA
                                 ? Result<uint64_t>(Status::Error(ENXIO, "no data past the offset"))
@@ -673,8 +787,9 @@ Result<uint64_t> BackupJob::SeekSnapshot(uint64_t off, int whence) {
       break;
     }
   }
+  UniqueFd closing;  // declared first: closed after the lock is released
   std::lock_guard<std::mutex> lock(mu_);
-  --view_users_;
+  closing = ReleaseTargetLocked();
   cv_.notify_all();
   if (stopping_ || broken_ || cancel_requested_) {
     return Status::Error(EIO, "snapshot is no longer available");
@@ -779,6 +894,11 @@ void BackupJob::Copier::Submit(int slot, bool write, int fd, char* buf, size_t l
 
 void BackupJob::Copier::SubmitRead(int i) {
   Slot& s = slots_[i];
+  if (j_->ending_.load()) {  // abandoned: the drive may be gone
+    ++inflight_;
+    sync_done_.emplace_back(i, -ECANCELED);
+    return;
+  }
   Submit(i, false, j_->drive_->fd(), s.buf + s.pos, s.len - s.pos, s.off + s.pos);
 }
 
@@ -1137,15 +1257,20 @@ void BackupJob::Conclude(Outcome outcome) {
       if (status_ == JobStatus::kPaused) TransitionLocked(JobStatus::kRunning);
       TransitionLocked(JobStatus::kAborting);
     }
-    // Views read EIO from now on; let reads in flight finish before the
-    // target fd goes away.
-    cv_.wait(lock, [&] { return view_users_ == 0; });
+    cbw_cv_.notify_all();  // idle CBW workers go
   }
   if (outcome != Outcome::kSuccess) txn_->Abort(this);
+  // Writers inside the hook return at once now (stopping_), so this is
+  // prompt even when CBW workers are stuck on the target.
   drive_->RemoveHook(hook_.get());
-  target_.fd.Reset();
+  ending_.store(true);
 
+  UniqueFd closing;  // declared first: closed after the lock is released
   std::lock_guard<std::mutex> lock(mu_);
+  // Views read EIO from now on. The target fd stays open for whoever still
+  // uses it (a snapshot read, a stuck copier or CBW worker); the last closes.
+  target_orphaned_ = true;
+  if (target_users_ == 0) closing = std::move(target_.fd);
   finished_ = RealSeconds();
   Event e;
   e.job_id = id_;
@@ -1169,8 +1294,51 @@ void BackupJob::Conclude(Outcome outcome) {
 }
 
 void BackupJob::Run() {
-  Outcome o = options_.sync == SyncMode::kNone ? RunNone() : RunFull();
-  Conclude(Complete(o));
+  // How long a cancel or an error may wait for a copier stuck in target I/O
+  // before the job concludes without it: long enough for a slow but living
+  // target to finish its in-flight requests, short enough that job-cancel
+  // visibly works within seconds.
+  constexpr auto kAbandonGrace = std::chrono::seconds(2);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    copier_running_ = true;
+    ++target_users_;
+  }
+  std::thread copier([self = shared_from_this()] {
+    Outcome o = self->options_.sync == SyncMode::kNone ? self->RunNone() : self->RunFull();
+    UniqueFd closing;  // declared first: closed after the lock is released
+    std::lock_guard<std::mutex> lock(self->mu_);
+    self->copy_outcome_ = static_cast<int>(o);
+    self->copier_running_ = false;
+    closing = self->ReleaseTargetLocked();
+    self->cv_.notify_all();
+  });
+  Outcome outcome;
+  bool abandoned = false;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !copier_running_ || cancel_requested_ || error_; });
+    if (copier_running_ && !cv_.wait_for(lock, kAbandonGrace, [&] { return !copier_running_; })) {
+      LogWarn("job '" + id_ + "': the copier is stuck in target I/O; ending the job without it");
+      abandoned = true;
+      outcome = cancel_requested_ ? Outcome::kCancelled : Outcome::kFailed;
+      if (!error_ && !cancel_requested_) SetErrorLocked(ETIMEDOUT, "target not answering");
+    } else {
+      outcome = static_cast<Outcome>(*copy_outcome_);
+    }
+  }
+  if (!abandoned) {
+    copier.join();
+  } else {
+    // It holds the job and the target fd (as a target user): it closes the
+    // fd and goes whenever its I/O returns, touching nothing else.
+    ending_.store(true);
+    copier.detach();
+  }
+  Conclude(Complete(outcome));
+  std::lock_guard<std::mutex> lock(mu_);
+  run_finished_ = true;
+  cv_.notify_all();
 }
 
 }  // namespace cbw::backup

@@ -2,10 +2,31 @@
 
 // Thread model and lock order
 // ---------------------------
-// A BackupJob has one thread of its own (the copier), started by Start() and
-// joined by Join()/the destructor. Drive writer threads enter the job through
-// its CBW hook (BeforeWrite); snapshot readers through ReadSnapshot and
-// SeekSnapshot; verbs arrive from control/ threads via the registry.
+// A BackupJob has a job thread (the state machine), started by Start() and
+// joined by Join()/the destructor, which runs the copier (the background copy)
+// on a thread of its own; and a small pool of copy-before-write workers that
+// do the CBW copies for drive writers. Drive writer threads enter the job
+// through its CBW hook (BeforeWrite); snapshot readers through ReadSnapshot
+// and SeekSnapshot; verbs arrive from control/ threads via the registry.
+//
+// Dead targets: a read or write on a target that stopped answering (a hung
+// NFS server or FUSE daemon) may never return, and nothing in userspace can
+// take it back. So no wait on target I/O is unbounded:
+//  - the job thread waits for the copier only until a cancel or an error has
+//    been pending for kAbandonGrace (2 s); then it concludes without it
+//    (cancelled or failed) and the copier is abandoned: it submits no more
+//    I/O, and exits whenever its I/O returns;
+//  - a drive writer waits for its CBW copy (done by a worker) at most
+//    cbw_timeout (JobParams; 30 s by default, like QEMU's cbw-timeout); then
+//    on-cbw-error applies: break-snapshot lets the write proceed and fails
+//    the job, break-guest-write fails the write with EIO (QEMU says
+//    ETIMEDOUT there; our SPEC promises EIO for a refused write);
+//  - snapshot readers are not waited for at all when the job ends.
+// Threads that may be stuck (copier, CBW workers) hold a shared_ptr to the
+// job, so it outlives them; and the target fd is closed only by whoever
+// stops using it last (target_users_), never under an I/O in flight, so its
+// number cannot be reused under one. A stuck thread touches neither the
+// drive nor the registry once the job has concluded.
 //
 // One mutex, mu_, guards everything mutable in the job: the cluster states
 // (the copy bitmap and in-flight claims in one array), frozen snapshot reads,
@@ -24,6 +45,8 @@
 // write waits until every cluster it touches is kDone and no frozen snapshot
 // read overlaps it, copying the dirty ones itself.
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -80,6 +103,8 @@ struct JobParams {
   uint64_t cluster_size = 64 * 1024;
   uint64_t chunk_size = 1024 * 1024;  // background copy unit (a multiple of clusters)
   unsigned queue_depth = 8;           // parallel chunk copies in flight
+  // How long a drive write waits for its copy-before-write (see above).
+  std::chrono::milliseconds cbw_timeout{30'000};
 };
 
 // One drive-backup job: copy state, CBW hook, background copier (io_uring),
@@ -137,8 +162,11 @@ class BackupJob : public std::enable_shared_from_this<BackupJob> {
   Result<size_t> ReadSnapshot(void* buf, size_t len, uint64_t off);
   Result<uint64_t> SeekSnapshot(uint64_t off, int whence);
 
-  // Waits for the copier thread to exit (it does after `concluded`).
+  // Waits for the job thread to exit (it does after `concluded`).
   void Join();
+  // Waits until the job thread has finished its work (concluded, and about
+  // to exit), or `deadline`. True if it has.
+  bool WaitFinished(std::chrono::steady_clock::time_point deadline);
 
  private:
   class Hook;
@@ -160,8 +188,24 @@ class BackupJob : public std::enable_shared_from_this<BackupJob> {
   bool FrozenOverlapsLocked(uint64_t c0, uint64_t c1) const;
   void PublishLocked(Event e);
 
-  // --- copier thread ---
+  // --- job thread ---
   void Run();
+  // --- copy-before-write workers ---
+  struct CbwTask {
+    uint64_t c0 = 0, c1 = 0;
+    bool started = false, done = false;
+    Status result;
+  };
+  void CbwWorker();
+  // Starts a worker if none is idle for the queued tasks. mu_ held.
+  void SpawnCbwWorkerLocked();
+  // on-cbw-error for a CBW that did not finish in time. mu_ held.
+  Status CbwTimeoutLocked(const std::vector<std::shared_ptr<CbwTask>>& mine);
+  // One user of target_.fd less; returns the fd to close (without mu_) when
+  // the job has concluded and this was the last user. mu_ held.
+  UniqueFd ReleaseTargetLocked();
+
+  // --- copier thread ---
   // Waits while the job is user-paused (running <-> paused). Returns false
   // if cancelled meanwhile. mu_ held via `lock`.
   bool PausePointLocked(std::unique_lock<std::mutex>& lock);
@@ -189,15 +233,30 @@ class BackupJob : public std::enable_shared_from_this<BackupJob> {
   const unsigned queue_depth_;
   const uint64_t size_;
   const uint64_t nclusters_;
+  const std::chrono::milliseconds cbw_timeout_;
   std::shared_ptr<WriteHook> hook_;
   std::thread thread_;
   std::mutex join_mu_;
+  // Set when the job concludes: threads still running (stuck ones) must not
+  // start new I/O nor touch the drive. Read without mu_ on I/O loops.
+  std::atomic<bool> ending_{false};
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
   ClusterMap clusters_;
   std::vector<ClusterRun> frozen_reads_;
   unsigned view_users_ = 0;  // snapshot reads/seeks using the fds right now
+  // Threads using target_.fd right now: the copier, busy CBW workers and
+  // snapshot readers. Once target_orphaned_ (concluded), the last one closes.
+  unsigned target_users_ = 0;
+  bool target_orphaned_ = false;
+  bool copier_running_ = false;
+  bool thread_started_ = false;
+  bool run_finished_ = false;        // the job thread is done (WaitFinished)
+  std::optional<int> copy_outcome_;  // Outcome of the copier, once returned
+  std::deque<std::shared_ptr<CbwTask>> cbw_queue_;
+  std::condition_variable cbw_cv_;  // workers wait here for tasks
+  unsigned cbw_threads_ = 0, cbw_idle_ = 0;
   JobStatus status_ = JobStatus::kCreated;
   bool listed_ = true;
   bool user_paused_ = false;

@@ -1,22 +1,44 @@
 #include "backup/job_registry.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <cctype>
+#include <chrono>
+#include <condition_variable>
 #include <set>
+#include <thread>
 
 #include "backup/backup_job.h"
+#include "backup/job_store.h"
 #include "backup/log.h"
 #include "backup/target.h"
 
 namespace cbw::backup {
 
-// Records in creation order. A job id names at most one record; a new job
-// may take the id of a record that QMP no longer lists (it replaces it).
-// Persistence (--state-dir) will hook in here: records are plain JobInfo
-// snapshots once ended.
+// Records in creation order: first those loaded from the state dir (all
+// ended, oldest first), then this run's jobs. A job id names at most one
+// record; a new job may take the id of a record that QMP no longer lists (it
+// replaces it).
 struct JobRegistry::State {
-  std::vector<std::shared_ptr<BackupJob>> jobs;
-  bool shut_down = false;
+  std::vector<JobInfo> archived;                 // loaded from the state dir; mu_
+  std::vector<std::shared_ptr<BackupJob>> jobs;  // mu_
+  bool shut_down = false;                        // mu_
+
+  // Persistence; all unset without a state dir.
+  std::mutex store_mu;  // serialises every JobStore call
+  std::unique_ptr<JobStore> store;
+  std::mutex pmu;  // leaf: taken by the bus subscriber
+  std::condition_variable pcv;
+  std::set<std::string> dirty;  // pmu: ids whose record must be rewritten
+  bool pstop = false;           // pmu
+  uint64_t token = 0;
+  std::thread persister;
+
+  std::vector<JobInfo>::iterator FindArchived(const std::string& id) {
+    return std::find_if(archived.begin(), archived.end(),
+                        [&](const JobInfo& i) { return i.id == id; });
+  }
 
   std::shared_ptr<BackupJob> Find(const std::string& id) const {
     for (const auto& j : jobs) {
@@ -44,7 +66,113 @@ bool ValidJobId(const std::string& id) {
 
 Status JobNotFound() { return Status::Error(ESRCH, "Job not found"); }
 
+double FileTime(const std::string& path) {
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0) return 0;
+  return static_cast<double>(st.st_mtim.tv_sec) + static_cast<double>(st.st_mtim.tv_nsec) / 1e9;
+}
+
 }  // namespace
+
+Result<std::unique_ptr<JobRegistry>> JobRegistry::Open(std::vector<Drive*> drives, EventBus* bus,
+                                                       RegistryOptions options) {
+  std::unique_ptr<JobStore> store;
+  if (!options.state_dir.empty()) {
+    auto s = JobStore::Open(options.state_dir);
+    if (!s.ok()) return s.status();
+    store = std::move(*s);
+  }
+  auto r = std::make_unique<JobRegistry>(std::move(drives), bus, std::move(options));
+  if (!store) return r;
+  State& st = *r->state_;
+  std::vector<JobInfo> loaded = store->Load();
+  for (JobInfo& i : loaded) {
+    i.listed = false;  // QMP jobs do not survive a restart, as in QEMU
+    i.busy = false;
+    i.paused = false;
+    if (i.status == JobStatus::kConcluded || i.status == JobStatus::kNull) {
+      if (i.result != JobResult::kNone) continue;
+    }
+    // Torn: the daemon stopped before this job concluded. Whatever its
+    // target holds, it is not a backup.
+    i.status = JobStatus::kConcluded;
+    i.result = JobResult::kFailed;
+    i.error = "daemon stopped";
+    i.eta_seconds.reset();
+    i.bytes_per_second = 0;
+    if (!i.finished) {
+      double t = FileTime(store->dir() + "/" + i.id + ".job");
+      i.finished = std::max(t, i.started);
+    }
+    if (Status s = store->Save(i); !s.ok()) LogWarn("state dir: " + s.message());
+  }
+  // The newest max_ended_jobs are kept; older records go, files and all.
+  std::stable_sort(loaded.begin(), loaded.end(), [](const JobInfo& a, const JobInfo& b) {
+    return a.finished.value_or(a.started) < b.finished.value_or(b.started);
+  });
+  while (loaded.size() > r->options_.max_ended_jobs) {
+    if (Status s = store->Remove(loaded.front().id); !s.ok()) LogWarn("state dir: " + s.message());
+    loaded.erase(loaded.begin());
+  }
+  std::stable_sort(loaded.begin(), loaded.end(),
+                   [](const JobInfo& a, const JobInfo& b) { return a.started < b.started; });
+  if (!loaded.empty()) {
+    LogInfo("state dir '" + store->dir() + "': " + std::to_string(loaded.size()) +
+            " job record(s) loaded");
+  }
+  st.archived = std::move(loaded);
+  st.store = std::move(store);
+  st.token = bus->Subscribe([&st](const Event& e) {
+    if (e.type != EventType::kJobStatusChange) return;
+    std::lock_guard<std::mutex> lock(st.pmu);
+    st.dirty.insert(e.job_id);
+    st.pcv.notify_one();
+  });
+  st.persister = std::thread(&JobRegistry::PersistLoop, r.get());
+  return r;
+}
+
+void JobRegistry::PersistLoop() {
+  State& st = *state_;
+  std::unique_lock<std::mutex> lock(st.pmu);
+  for (;;) {
+    st.pcv.wait(lock, [&] { return st.pstop || !st.dirty.empty(); });
+    if (st.dirty.empty()) return;  // stopped and drained
+    std::set<std::string> ids;
+    ids.swap(st.dirty);
+    lock.unlock();
+    for (const auto& id : ids) Persist(id);
+    lock.lock();
+  }
+}
+
+// Writes the current record of job `id`, if it is still one of ours. The
+// lookup and the write happen under the store mutex, so a record removed
+// meanwhile (rm jobs/<id>, pruning) is never written back.
+void JobRegistry::Persist(const std::string& id) {
+  State& st = *state_;
+  std::lock_guard<std::mutex> slock(st.store_mu);
+  if (!st.store) return;
+  std::shared_ptr<BackupJob> job;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    job = st.Find(id);
+  }
+  if (!job) return;
+  if (Status s = st.store->Save(job->Info()); !s.ok()) LogWarn("state dir: " + s.message());
+}
+
+// Deletes the persisted records of `ids`, which the caller has already
+// dropped from the registry (so Persist no longer finds them).
+void JobRegistry::DropRecords(const std::vector<std::string>& ids) {
+  State& st = *state_;
+  if (ids.empty()) return;
+  std::lock_guard<std::mutex> slock(st.store_mu);
+  if (!st.store) return;
+  for (const auto& id : ids) {
+    if (Status s = st.store->Remove(id); !s.ok()) LogWarn("state dir: " + s.message());
+  }
+}
 
 JobRegistry::JobRegistry(std::vector<Drive*> drives, EventBus* bus, RegistryOptions options)
     : drives_(std::move(drives)),
@@ -62,7 +190,7 @@ Drive* JobRegistry::FindDrive(const std::string& name) const {
 }
 
 Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, CompletionMode mode) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   if (state_->shut_down) return Status::Error(ESHUTDOWN, "Shutting down");
   if (jobs.empty()) return Status::Error(EINVAL, "No backup to start");
 
@@ -121,6 +249,10 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
 
   // Ended records whose ids are taken again are replaced.
   std::vector<std::shared_ptr<BackupJob>> replaced;
+  std::vector<std::string> dropped;  // persisted records to delete
+  for (auto it = state_->archived.begin(); it != state_->archived.end();) {
+    it = ids.count(it->id) ? state_->archived.erase(it) : it + 1;
+  }
   for (auto it = state_->jobs.begin(); it != state_->jobs.end();) {
     if (ids.count((*it)->id())) {
       replaced.push_back(*it);
@@ -141,6 +273,7 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
     params.bus = bus_;
     params.txn = txn;
     params.cluster_size = options_.cluster_size;
+    params.cbw_timeout = std::chrono::milliseconds(options_.cbw_timeout_ms);
     auto job = std::make_shared<BackupJob>(std::move(params));
     txn->Add(job);
     state_->jobs.push_back(job);
@@ -156,13 +289,20 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
             job->target_path() + "'");
   }
 
-  // Keep at most max_ended_jobs ended records (oldest go first); records
-  // QMP still lists (auto-dismiss off, not yet dismissed) are kept.
-  size_t ended = 0;
+  // Keep at most max_ended_jobs ended records (oldest go first: loaded ones,
+  // then this run's); records QMP still lists (auto-dismiss off, not yet
+  // dismissed) are kept.
+  size_t ended = state_->archived.size();
   for (const auto& j : state_->jobs) ended += j->ended() && !j->listed();
+  while (ended > options_.max_ended_jobs && !state_->archived.empty()) {
+    dropped.push_back(state_->archived.front().id);
+    state_->archived.erase(state_->archived.begin());
+    --ended;
+  }
   for (auto it = state_->jobs.begin();
        ended > options_.max_ended_jobs && it != state_->jobs.end();) {
     if ((*it)->ended() && !(*it)->listed()) {
+      dropped.push_back((*it)->id());
       replaced.push_back(*it);
       it = state_->jobs.erase(it);
       --ended;
@@ -170,6 +310,8 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
       ++it;
     }
   }
+  lock.unlock();
+  DropRecords(dropped);
   for (auto& j : replaced) j->Join();
   return Status::Ok();
 }
@@ -228,7 +370,7 @@ std::vector<JobInfo> JobRegistry::ListJobs() const {
 
 std::vector<JobInfo> JobRegistry::JobFiles() const {
   std::lock_guard<std::mutex> lock(mu_);
-  std::vector<JobInfo> out;
+  std::vector<JobInfo> out = state_->archived;
   for (const auto& j : state_->jobs) out.push_back(j->Info());
   // Live jobs may have ended since the last start: show only the newest
   // max_ended_jobs unlisted ended records.
@@ -257,16 +399,22 @@ Status JobRegistry::RemoveJobFile(const std::string& id) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     job = state_->Find(id);
-    if (!job) return JobNotFound();
-    if (!job->ended()) {
-      return Status::Error(EBUSY, "Job '" + id + "' has not ended yet");
+    if (!job) {
+      auto it = state_->FindArchived(id);
+      if (it == state_->archived.end()) return JobNotFound();
+      state_->archived.erase(it);
+    } else {
+      if (!job->ended()) {
+        return Status::Error(EBUSY, "Job '" + id + "' has not ended yet");
+      }
+      if (job->listed()) {
+        if (Status s = job->Dismiss(); !s.ok()) return s;
+      }
+      state_->jobs.erase(std::find(state_->jobs.begin(), state_->jobs.end(), job));
     }
-    if (job->listed()) {
-      if (Status s = job->Dismiss(); !s.ok()) return s;
-    }
-    state_->jobs.erase(std::find(state_->jobs.begin(), state_->jobs.end(), job));
   }
-  job->Join();
+  DropRecords({id});
+  if (job) job->Join();
   return Status::Ok();
 }
 
@@ -315,7 +463,30 @@ void JobRegistry::Shutdown() {
     jobs = state_->jobs;
   }
   for (auto& j : jobs) j->CancelInternal();
-  for (auto& j : jobs) j->Join();
+  // Bounded: a job concludes without its copier once that is stuck on a
+  // dead target; a job thread that still has not finished by the deadline is
+  // left running (it holds its own reference) rather than hang the daemon.
+  auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.shutdown_timeout_ms);
+  for (auto& j : jobs) {
+    if (j->WaitFinished(deadline)) {
+      j->Join();
+    } else {
+      LogError("job '" + j->id() + "' did not stop in time; leaving it behind");
+    }
+  }
+  State& st = *state_;
+  if (st.persister.joinable()) {
+    bus_->Unsubscribe(st.token);
+    // The final records (cancelled, ...) are on disk before we return.
+    for (auto& j : jobs) Persist(j->id());
+    {
+      std::lock_guard<std::mutex> lock(st.pmu);
+      st.pstop = true;
+      st.pcv.notify_one();
+    }
+    st.persister.join();
+  }
 }
 
 }  // namespace cbw::backup

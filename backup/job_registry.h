@@ -25,10 +25,17 @@ struct RegistryOptions {
   // Relative targets are resolved against this directory (the daemon's cwd
   // at start; the daemon itself later runs in "/").
   std::string base_dir;
-  // Where job records are persisted across restarts (empty: nowhere).
+  // Where job records are persisted across restarts (empty: nowhere). Only
+  // JobRegistry::Open uses it; the plain constructor keeps records in memory.
   std::string state_dir;
   // How many ended jobs keep their jobs/ file.
   size_t max_ended_jobs = 256;
+  // How long a drive write waits for its copy-before-write before
+  // on-cbw-error applies (a target that stopped answering). Internal, not a
+  // QMP argument; see BackupJob.
+  uint32_t cbw_timeout_ms = 30'000;
+  // How long Shutdown() waits for cancelled jobs to conclude.
+  uint32_t shutdown_timeout_ms = 10'000;
 };
 
 // The set of drives and jobs: starts backups, routes job verbs, keeps the
@@ -45,15 +52,32 @@ struct RegistryOptions {
 //   other   the errno of creating/opening the target, message
 //           "Could not open '<path>': <strerror>" / "Could not create ..."
 //
-// Thread safety: every method is thread-safe. Lock order: registry mu_ ->
-// job mutex -> EventBus -> subscriber locks. Drive write paths never take the
-// registry lock.
+// Thread safety: every method is thread-safe. Lock order: store mutex ->
+// registry mu_ -> job mutex -> EventBus -> subscriber locks (the persister's
+// queue lock is one). Drive write paths never take the registry lock.
+//
+// Persistence (Open with a state dir): a bus subscriber queues the id of
+// every job whose status changes; a persister thread writes that job's
+// record (JobStore) under the store mutex, so status changes never wait for
+// an fsync and records are not rewritten on progress ticks. Records found at
+// Open are shown read-only (jobs/ files, never listed to QMP) until removed
+// or replaced; one that was not concluded when its daemon stopped comes back
+// concluded, result failed, error "daemon stopped".
 //
 // Ownership: the registry owns its jobs; drives and the bus are borrowed and
-// must outlive it. The destructor calls Shutdown().
+// must outlive it. The destructor calls Shutdown(). A job whose copier or
+// copy-before-write worker is stuck in target I/O keeps itself alive until
+// that I/O returns (see BackupJob); it no longer uses the drive by then.
 class JobRegistry {
  public:
   JobRegistry(std::vector<Drive*> drives, EventBus* bus, RegistryOptions options);
+  // A registry that persists job records in options.state_dir (when not
+  // empty): creates the directory if missing (0700), loads the records in it
+  // (corrupt or foreign files are skipped with a warning). Fails with a
+  // message naming the path and the errno text when the directory is
+  // unusable.
+  static Result<std::unique_ptr<JobRegistry>> Open(std::vector<Drive*> drives, EventBus* bus,
+                                                   RegistryOptions options);
   ~JobRegistry();
   JobRegistry(const JobRegistry&) = delete;
   JobRegistry& operator=(const JobRegistry&) = delete;
@@ -86,8 +110,9 @@ class JobRegistry {
   // ended ones), in creation order; and one of them by id.
   std::vector<JobInfo> JobFiles() const;
   std::optional<JobInfo> GetJobFile(const std::string& id) const;
-  // `rm jobs/<id>`: dismisses a concluded job and drops its file. ESRCH if
-  // unknown; EBUSY while the job is live (not yet concluded).
+  // `rm jobs/<id>`: dismisses a concluded job and drops its file (and its
+  // persisted record). ESRCH if unknown; EBUSY while the job is live (not
+  // yet concluded).
   Status RemoveJobFile(const std::string& id);
 
   // Snapshot views (SPEC 5): the ids of live jobs, and reads/seeks of the
@@ -98,11 +123,17 @@ class JobRegistry {
   Result<size_t> ReadSnapshot(const std::string& id, void* buf, size_t len, uint64_t off) const;
   Result<uint64_t> SeekSnapshot(const std::string& id, uint64_t off, int whence) const;
 
-  // Cancels every live job and waits for all of them to end (events are
-  // emitted, records say so). Idempotent.
+  // Cancels every live job and waits, at most options.shutdown_timeout_ms,
+  // for all of them to conclude (events are emitted, records say so, and are
+  // written to the state dir). A job stuck on a dead target concludes
+  // without its copier (see BackupJob). Idempotent.
   void Shutdown();
 
  private:
+  void Persist(const std::string& id);
+  void PersistLoop();
+  void DropRecords(const std::vector<std::string>& ids);
+
   std::vector<Drive*> drives_;
   EventBus* bus_;
   RegistryOptions options_;

@@ -96,7 +96,11 @@ int Run(int argc, char** argv) {
   if (!ropts.state_dir.empty() && ropts.state_dir[0] != '/') {
     ropts.state_dir = std::string(cwd) + "/" + ropts.state_dir;
   }
-  cbw::backup::JobRegistry registry(drive_ptrs, &bus, ropts);
+  // Job records of earlier runs are loaded here; an unusable state dir ends
+  // the start, before anything is mounted.
+  auto opened = cbw::backup::JobRegistry::Open(drive_ptrs, &bus, ropts);
+  if (!opened.ok()) return Fail(opened.status().message());
+  cbw::backup::JobRegistry& registry = **opened;
   cbw::control::Dispatcher dispatcher(&registry);
   cbw::fs::CbwFs::Config fcfg;
   fcfg.uid = getuid();
