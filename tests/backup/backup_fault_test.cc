@@ -83,7 +83,7 @@ class FaultTest : public ::testing::Test {
     auto d = Drive::Open(DriveConfig{"drive0", source_on_mount ? mnt_ + "/src.img" : path, false});
     ASSERT_TRUE(d.ok()) << d.status().message();
     drive_ = std::move(*d);
-    RegistryOptions o;
+    RegistryOptions o = ropts_;
     o.base_dir = mnt_;
     registry_ = std::make_unique<JobRegistry>(std::vector<Drive*>{drive_.get()}, &bus_, o);
   }
@@ -108,6 +108,7 @@ class FaultTest : public ::testing::Test {
   std::string Source() { return ReadAll(mnt_ + "/src.img"); }
 
   TempDir dir_;
+  RegistryOptions ropts_;  // for MakeDrive
   std::string backing_, mnt_;
   pid_t pid_ = -1;
   EventBus bus_;
@@ -401,6 +402,91 @@ TEST(RealEnospcTest, StopOnFullTmpfsThenResumeAfterGrowing) {
     EXPECT_TRUE(SameBytes(ReadAll(mnt + "/t.img"), data));
   }
   umount2(mnt.c_str(), MNT_DETACH);
+}
+
+// ---------------------------------------------------------------------------
+// Dead targets: target I/O that never returns ("hang" rule) must not hang
+// job-cancel, Shutdown, or drive writes (beyond the CBW timeout).
+
+double SecondsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+TEST_F(FaultTest, CancelConcludesWithinSecondsWhileTheTargetHangs) {
+  MakeDrive(RandomBytes(16 * kMiB, 41), false);
+  SetFaults("tgt.img write hang 4194304 16777216");
+  ASSERT_TRUE(registry_->StartBackups({Opts()}).ok());
+  // Stalled in the hung range.
+  ASSERT_TRUE(WaitFor([&] { return Info()->offset >= 4 * kMiB; }, 10));
+  uint64_t at = Info()->offset;
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  ASSERT_EQ(Info()->offset, at) << "the target does not hang";
+  auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(registry_->Cancel("drive0").ok());
+  EXPECT_LT(SecondsSince(t0), 0.5);
+  EXPECT_TRUE(WaitFor([&] { return Ended(); }, 5)) << "still live 5 s after cancel";
+  EXPECT_LT(SecondsSince(t0), 4.0);
+  EXPECT_EQ(Info()->result, JobResult::kCancelled);
+  EXPECT_TRUE(SameBytes(ReadAll(dir_ / "src.img"), data_));
+  // The mount comes back: the stuck copier finishes in the background.
+  SetFaults("");
+}
+
+TEST_F(FaultTest, ShutdownIsBoundedWhileTheTargetHangs) {
+  MakeDrive(RandomBytes(16 * kMiB, 42), false);
+  SetFaults("tgt.img write hang 4194304 16777216\ntgt.img fsync hang\n");
+  ASSERT_TRUE(registry_->StartBackups({Opts()}).ok());
+  ASSERT_TRUE(WaitFor([&] { return Info()->offset >= 4 * kMiB; }, 10));
+  auto t0 = std::chrono::steady_clock::now();
+  registry_->Shutdown();
+  EXPECT_LT(SecondsSince(t0), 10.0);
+  auto i = Info();
+  ASSERT_TRUE(i.has_value());
+  EXPECT_EQ(i->status, JobStatus::kNull);  // concluded, auto-dismissed
+  EXPECT_EQ(i->result, JobResult::kCancelled);
+  EXPECT_TRUE(SameBytes(ReadAll(dir_ / "src.img"), data_));
+  SetFaults("");
+}
+
+TEST_F(FaultTest, HungCbwBreakSnapshotTimesOutLetsTheWriteThroughAndFailsTheJob) {
+  ropts_.cbw_timeout_ms = 500;
+  MakeDrive(RandomBytes(4 * kMiB, 43), false);
+  ASSERT_TRUE(registry_->StartBackups({Opts(SyncMode::kNone)}).ok());
+  SetFaults("tgt.img write hang");
+  std::string fresh = RandomBytes(65536, 44);
+  auto t0 = std::chrono::steady_clock::now();
+  auto w = drive_->Write(fresh.data(), fresh.size(), kMiB);
+  ASSERT_TRUE(w.ok()) << w.status().message();
+  EXPECT_GE(SecondsSince(t0), 0.4);
+  EXPECT_LT(SecondsSince(t0), 3.0);
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }, 5));
+  EXPECT_EQ(Info()->result, JobResult::kFailed);
+  EXPECT_NE(Info()->error.value_or("").find("timed out"), std::string::npos) << *Info()->error;
+  EXPECT_EQ(ReadAll(dir_ / "src.img").substr(kMiB, fresh.size()), fresh);
+  SetFaults("");
+}
+
+TEST_F(FaultTest, HungCbwBreakGuestWriteTimesOutWithEioAndKeepsTheJob) {
+  ropts_.cbw_timeout_ms = 500;
+  MakeDrive(RandomBytes(4 * kMiB, 45), false);
+  BackupOptions o = Opts(SyncMode::kNone);
+  o.on_cbw_error = CbwErrorPolicy::kBreakGuestWrite;
+  ASSERT_TRUE(registry_->StartBackups({o}).ok());
+  SetFaults("tgt.img write hang");
+  std::string fresh = RandomBytes(65536, 46);
+  auto t0 = std::chrono::steady_clock::now();
+  auto w = drive_->Write(fresh.data(), fresh.size(), kMiB);
+  ASSERT_FALSE(w.ok());
+  EXPECT_EQ(w.status().code(), EIO);
+  EXPECT_LT(SecondsSince(t0), 3.0);
+  EXPECT_TRUE(Status(JobStatus::kRunning));
+  EXPECT_TRUE(SameBytes(ReadAll(dir_ / "src.img"), data_));  // refused: untouched
+  // Its copy worker is still stuck; cancel ends the job promptly anyway.
+  t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(registry_->Cancel("drive0").ok());
+  EXPECT_TRUE(WaitFor([&] { return Ended(); }, 5));
+  EXPECT_EQ(Info()->result, JobResult::kCancelled);
+  SetFaults("");
 }
 
 }  // namespace

@@ -13,7 +13,11 @@
 //
 //   NAME   file name in the backing directory (no subdirectories)
 //   OP     read | write | fsync | fallocate | any
-//   KIND   eio | enospc | short (half the bytes, at least 1) | slow=MS
+//   KIND   eio | enospc | short (half the bytes, at least 1) | slow=MS |
+//          hang (blocks until the rules are next written, the fs is
+//          unmounted, or the request is interrupted (EINTR): a server that
+//          stopped answering but, like an NFS `intr` mount, still honours
+//          interrupts, so the kernel can end a process stuck on it)
 //   LO HI  byte range the request must overlap (default: everything)
 //   COUNT  how many times the rule fires (default: always)
 //
@@ -26,6 +30,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <fuse3/fuse.h>
+#include <fuse3/fuse_lowlevel.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -58,6 +63,7 @@ std::string g_backing;
 std::mutex g_mu;
 std::vector<Rule> g_rules;
 std::string g_rules_text;
+uint64_t g_generation = 0;  // bumped by every write of the rules
 
 std::string Backing(const char* path) { return g_backing + path; }
 
@@ -85,12 +91,29 @@ void SetRules(const std::string& text) {
   std::lock_guard<std::mutex> lock(g_mu);
   g_rules = std::move(rules);
   g_rules_text = text;
+  ++g_generation;
+}
+
+// Blocks while the rules that said "hang" are in force.
+int Hang(uint64_t generation) {
+  fuse_session* se = fuse_get_session(fuse_get_context()->fuse);
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(g_mu);
+      if (g_generation != generation) return 0;
+    }
+    if (fuse_interrupted()) return -EINTR;
+    if (fuse_session_exited(se)) return -EIO;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
 }
 
 // Returns 0 (no fault), a negative errno, or for "short" a positive 1.
 int Fault(const char* path, const char* op, uint64_t off, uint64_t len) {
   int delay = 0;
   int result = 0;
+  bool hang = false;
+  uint64_t generation = 0;
   {
     std::lock_guard<std::mutex> lock(g_mu);
     std::string name = path[0] == '/' ? path + 1 : path;
@@ -100,6 +123,10 @@ int Fault(const char* path, const char* op, uint64_t off, uint64_t len) {
       if (r.count > 0) --r.count;
       if (r.kind == "slow") {
         delay = std::max(delay, r.delay_ms);
+      } else if (r.kind == "hang") {
+        hang = true;
+        generation = g_generation;
+        break;
       } else if (r.kind == "eio") {
         result = -EIO;
       } else if (r.kind == "enospc") {
@@ -110,6 +137,7 @@ int Fault(const char* path, const char* op, uint64_t off, uint64_t len) {
       if (result != 0) break;
     }
   }
+  if (hang) return Hang(generation);
   if (delay > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay));
   return result;
 }
