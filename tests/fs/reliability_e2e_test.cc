@@ -844,13 +844,14 @@ TEST_F(Hostile, PathLikeIdsInVerbsAndTransactionsDoNothing) {
 
 // Thousands of commands in one write: each answered, in order, with its id.
 TEST_F(Hostile, ThousandsOfCommandsInOneWrite) {
+  // 20000 commands, about 800 KB: beyond 128 KiB the kernel may split a
+  // write into several requests; the daemon's max_write must hold it whole.
   std::string batch;
-  constexpr int kN = 2000;
+  constexpr int kN = 20000;
   for (int i = 0; i < kN; ++i) {
     batch += Cmd(i % 2 ? "query-block-jobs" : "query-version", json(), i);
     batch += i % 3 ? "\n" : " ";
   }
-  ASSERT_LT(batch.size(), 128u * 1024) << "one kernel write request";
   int fd = open((mount_ / "control").c_str(), O_RDWR);
   ASSERT_GE(fd, 0);
   auto t0 = Clock::now();
@@ -892,7 +893,25 @@ TEST_F(Hostile, ThousandsOfCommandsInOneWrite) {
     EXPECT_EQ(ReadFileOrDie(dir_ / (id + ".img")).substr(0, 65536), image_.substr(0, 65536));
   }
   EXPECT_TRUE(mount_.alive());
-  RecordProperty("one_write_2000_cmds_ms", static_cast<int>(took * 1000));
+  RecordProperty("one_write_20000_cmds_ms", static_cast<int>(took * 1000));
+}
+
+// SPEC 2.2: "`cat file` ... all do" carry whole commands per write. cat
+// writes in 128 KiB pieces, so a command file over 128 KiB is cut inside a
+// command and the piece fails with EINVAL ("the write ends inside an
+// unfinished JSON value"): every command of the file must run.
+// DISABLED: fails today (see the report); the whole-write rule and "cat file"
+// contradict each other beyond cat's buffer size.
+TEST_F(Hostile, DISABLED_CatOfACommandFileOver128KiBRunsEveryCommand) {
+  std::string file;
+  for (int i = 0; i < 6000; ++i) file += Cmd("query-version", json(), i) + "\n";
+  ASSERT_GT(file.size(), 128u * 1024);
+  WriteFileOrDie(dir_ / "cmds.json", file);
+  CommandResult r = Sh("exec 3<>control; cat $D/cmds.json >&3 && cat <&3");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  auto lines = JsonLines(r.out);
+  ASSERT_EQ(lines.size(), 6000u) << r.err;
+  EXPECT_EQ(lines.back()["id"], 5999);
 }
 
 // 16 openers at once, each writing batches of commands (a few failing) and
