@@ -11,26 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mb=${FLEECE_MB:-256}
 
-if [ -n "${CBWFS_BINARY:-}" ]; then
-  CBWFS=$CBWFS_BINARY
-else
-  tests/lib/install-deps.sh
-  echo "== building"
-  cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-  ninja -C build cbwfs >/dev/null
-  CBWFS=$PWD/build/fs/cbwfs
-fi
-
-work=$(mktemp -d /tmp/cbwfs-fleece.XXXXXX)
-mnt=$work/mnt
-writer_pid=""
-cleanup() {
-  [ -n "$writer_pid" ] && kill "$writer_pid" 2>/dev/null || true
-  fusermount3 -uz "$mnt" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-mkdir -p "$mnt"
+. examples/lib.sh
+examples_setup fleece
 
 echo "== making a ${size_mb} MiB demo image: random data in every other 4 MiB, holes between"
 truncate -s $((size_mb << 20)) "$work/vm.img"
