@@ -312,6 +312,9 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
   }
   lock.unlock();
   DropRecords(dropped);
+  // A started job has its record on disk before drive-backup returns, so a
+  // crash right after cannot lose it (later changes go via the persister).
+  for (auto& job : started) Persist(job->id());
   for (auto& j : replaced) j->Join();
   return Status::Ok();
 }
