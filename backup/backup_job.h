@@ -245,7 +245,6 @@ class BackupJob : public std::enable_shared_from_this<BackupJob> {
   std::condition_variable cv_;
   ClusterMap clusters_;
   std::vector<ClusterRun> frozen_reads_;
-  unsigned view_users_ = 0;  // snapshot reads/seeks using the fds right now
   // Threads using target_.fd right now: the copier, busy CBW workers and
   // snapshot readers. Once target_orphaned_ (concluded), the last one closes.
   unsigned target_users_ = 0;
