@@ -25,9 +25,8 @@ Status LockSource(int fd, const std::string& path, bool readonly) {
   if (flock(fd, (readonly ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0) {
     int e = errno;
     if (e == EWOULDBLOCK) {
-      return Status::Error(EBUSY, "Failed to lock '" + path +
-                                      "': it is in use by another cbwfs (" + std::strerror(EBUSY) +
-                                      ")");
+      return Status::Error(EBUSY, "Failed to lock '" + path + "': it is in use by another cbwfs (" +
+                                      std::strerror(EBUSY) + ")");
     }
     return Status::FromErrno(e, "Failed to lock '" + path + "'");
   }
@@ -106,7 +105,8 @@ Result<std::unique_ptr<Drive>> Drive::Open(const DriveConfig& config) {
   UniqueFd fd(::open(config.path.c_str(), flags));
   if (!fd.valid()) return Status::FromErrno(errno, "Could not open '" + config.path + "'");
   struct stat st {};
-  if (fstat(fd.get(), &st) != 0) return Status::FromErrno(errno, "Could not stat '" + config.path + "'");
+  if (fstat(fd.get(), &st) != 0)
+    return Status::FromErrno(errno, "Could not stat '" + config.path + "'");
   if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
     return Status::Error(EINVAL, "'" + config.path + "' is not a regular file or block device");
   }
@@ -128,6 +128,8 @@ Result<std::unique_ptr<Drive>> Drive::Open(const DriveConfig& config) {
       return Status::FromErrno(errno, "Could not get the size of '" + config.path + "'");
     }
     d->size_ = bytes;
+    int lbs = 0;
+    if (ioctl(fd.get(), BLKSSZGET, &lbs) == 0 && lbs > 0) d->align_ = static_cast<uint64_t>(lbs);
     // For block devices the identity that matters is the device itself.
     d->dev_ = st.st_rdev;
     d->ino_ = 0;
@@ -177,8 +179,7 @@ void Drive::OpenGate() {
   install_mu_.unlock();
 }
 
-void Drive::InstallHooks(
-    const std::vector<std::pair<Drive*, std::shared_ptr<WriteHook>>>& hooks) {
+void Drive::InstallHooks(const std::vector<std::pair<Drive*, std::shared_ptr<WriteHook>>>& hooks) {
   std::vector<Drive*> drives;
   for (const auto& [d, h] : hooks) drives.push_back(d);
   std::sort(drives.begin(), drives.end());
@@ -231,44 +232,48 @@ Result<size_t> Drive::Write(const void* buf, size_t len, uint64_t off) {
   if (len == 0) return size_t{0};
   if (off >= size_) return Status::Error(ENOSPC, "write past the end of drive '" + name_ + "'");
   len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
-  Status s = RunHooksThen(off, len, [&] {
-    return PwriteAll(fd_.get(), static_cast<const char*>(buf), len, off);
-  });
+  Status s = RunHooksThen(
+      off, len, [&] { return PwriteAll(fd_.get(), static_cast<const char*>(buf), len, off); });
   if (!s.ok()) return s;
   return len;
+}
+
+Status Drive::ZeroSource(int mode, uint64_t off, uint64_t len) {
+  uint64_t a = (off + align_ - 1) / align_ * align_;
+  uint64_t b = (off + len) / align_ * align_;
+  if (a < b) {
+    int r = fallocate(fd_.get(), mode | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(a),
+                      static_cast<off_t>(b - a));
+    // tmpfs and others lack ZERO_RANGE: a punched hole reads as zeroes too.
+    if (r != 0 && errno == EOPNOTSUPP && mode == FALLOC_FL_ZERO_RANGE) {
+      r = fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(a),
+                    static_cast<off_t>(b - a));
+    }
+    if (r != 0) {
+      if (errno != EOPNOTSUPP) return Status::FromErrno(errno, "fallocate");
+      // Same contents, no hole.
+      return WriteZeroes(fd_.get(), off, len);
+    }
+  } else {
+    a = b = off + len;
+  }
+  Status s = WriteZeroes(fd_.get(), off, a - off);
+  if (!s.ok()) return s;
+  return WriteZeroes(fd_.get(), b, off + len - b);
 }
 
 Status Drive::PunchHole(uint64_t off, uint64_t len) {
   if (readonly_) return Status::Error(EROFS, "drive '" + name_ + "' is read-only");
   if (off >= size_ || len == 0) return Status::Ok();
   len = std::min<uint64_t>(len, size_ - off);
-  return RunHooksThen(off, len, [&] {
-    if (fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
-                  static_cast<off_t>(len)) == 0) {
-      return Status::Ok();
-    }
-    if (errno != EOPNOTSUPP) return Status::FromErrno(errno, "punch hole");
-    return WriteZeroes(fd_.get(), off, len);  // same contents, no hole
-  });
+  return RunHooksThen(off, len, [&] { return ZeroSource(FALLOC_FL_PUNCH_HOLE, off, len); });
 }
 
 Status Drive::ZeroRange(uint64_t off, uint64_t len) {
   if (readonly_) return Status::Error(EROFS, "drive '" + name_ + "' is read-only");
   if (off >= size_ || len == 0) return Status::Ok();
   len = std::min<uint64_t>(len, size_ - off);
-  return RunHooksThen(off, len, [&] {
-    if (fallocate(fd_.get(), FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
-                  static_cast<off_t>(len)) == 0) {
-      return Status::Ok();
-    }
-    if (errno != EOPNOTSUPP) return Status::FromErrno(errno, "zero range");
-    // tmpfs and others: a punched hole reads as zeroes too.
-    if (fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
-                  static_cast<off_t>(len)) == 0) {
-      return Status::Ok();
-    }
-    return WriteZeroes(fd_.get(), off, len);
-  });
+  return RunHooksThen(off, len, [&] { return ZeroSource(FALLOC_FL_ZERO_RANGE, off, len); });
 }
 
 Status Drive::Flush(bool datasync) {

@@ -104,12 +104,17 @@ class Drive {
   void LeaveGate();
   template <class Op>
   Status RunHooksThen(uint64_t off, uint64_t len, Op op);
+  // fallocate(mode) of [off, off+len) on the source. Block devices take only
+  // whole logical blocks: the unaligned edges are written as zeroes. Falls
+  // back to writing zeroes where the filesystem does not support `mode`.
+  Status ZeroSource(int mode, uint64_t off, uint64_t len);
 
   std::string name_;
   std::string path_;
   bool readonly_ = false;
   bool is_block_ = false;
   uint64_t size_ = 0;
+  uint64_t align_ = 1;  // logical block size of a block device, else 1
   dev_t dev_ = 0;
   ino_t ino_ = 0;
   UniqueFd fd_;
@@ -119,7 +124,7 @@ class Drive {
   std::atomic<bool> closed_{false};
   std::mutex gate_mu_;  // only for waiting; protects nothing else
   std::condition_variable gate_cv_;
-  std::mutex install_mu_;  // serialises installers
+  std::mutex install_mu_;                          // serialises installers
   std::vector<std::shared_ptr<WriteHook>> hooks_;  // changed only with the gate closed
 };
 

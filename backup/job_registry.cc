@@ -128,7 +128,9 @@ Result<std::unique_ptr<JobRegistry>> JobRegistry::Open(std::vector<Drive*> drive
     st.dirty.insert(e.job_id);
     st.pcv.notify_one();
   });
-  st.persister = std::thread(&JobRegistry::PersistLoop, r.get());
+  // The persister thread starts with the first job (StartBackups), not here:
+  // cbwfs forks to detach after opening the registry, and a thread started
+  // now would not exist in the daemon.
   return r;
 }
 
@@ -193,6 +195,9 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
   std::unique_lock<std::mutex> lock(mu_);
   if (state_->shut_down) return Status::Error(ESHUTDOWN, "Shutting down");
   if (jobs.empty()) return Status::Error(EINVAL, "No backup to start");
+  if (state_->store && !state_->persister.joinable()) {
+    state_->persister = std::thread(&JobRegistry::PersistLoop, this);
+  }
 
   struct Prepared {
     BackupOptions options;
@@ -479,10 +484,13 @@ void JobRegistry::Shutdown() {
     }
   }
   State& st = *state_;
-  if (st.persister.joinable()) {
+  if (st.store && st.token != 0) {
     bus_->Unsubscribe(st.token);
+    st.token = 0;
     // The final records (cancelled, ...) are on disk before we return.
     for (auto& j : jobs) Persist(j->id());
+  }
+  if (st.persister.joinable()) {
     {
       std::lock_guard<std::mutex> lock(st.pmu);
       st.pstop = true;

@@ -12,6 +12,7 @@
 #include <deque>
 #include <new>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -33,6 +34,9 @@ constexpr fuse_ino_t kViewInoBase = fuse_ino_t{2} << 40;
 // and go, so they are never cached (they appear and vanish at once).
 constexpr double kFixedTimeout = 1.0;
 constexpr double kDynamicTimeout = 0.0;
+
+// Past this many job/view inode numbers, those of vanished ids are forgotten.
+constexpr size_t kPruneInodesAbove = 1024;
 
 // Bounds one events reader's backlog; past it the reader is told how many it missed.
 constexpr size_t kEventsBacklogBytes = 1 << 20;
@@ -126,6 +130,28 @@ void CbwFs::Shutdown() {
   for (fuse_req_t r : to_end) fuse_reply_buf(r, nullptr, 0);
 }
 
+void CbwFs::StopEvents(std::chrono::milliseconds deadline) {
+  auto wait = [&](auto done) {
+    auto end = std::chrono::steady_clock::now() + deadline;
+    for (;;) {
+      {
+        std::lock_guard lock(mu_);
+        if (done()) return;
+      }
+      if (std::chrono::steady_clock::now() >= end) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  };
+  wait([&] {
+    for (EventsHandle* h : events_handles_) {
+      if (!h->backlog.empty()) return false;
+    }
+    return true;
+  });
+  Shutdown();
+  wait([&] { return events_handles_.empty(); });
+}
+
 CbwFs::Node CbwFs::Resolve(fuse_ino_t ino) const {
   Node n;
   switch (ino) {
@@ -163,7 +189,33 @@ CbwFs::Node CbwFs::Resolve(fuse_ino_t ino) const {
   return n;
 }
 
+void CbwFs::PruneDynamicInos() {
+  {
+    std::lock_guard lock(mu_);
+    if (ino_names_.size() < kPruneInodesAbove) return;
+  }
+  // The live ids are fetched before taking mu_: the registry's locks come
+  // before ours (events are delivered under them).
+  std::set<std::string> jobs, views;
+  for (const auto& info : registry_->JobFiles()) jobs.insert(info.id);
+  for (const auto& id : registry_->SnapshotIds()) views.insert(id);
+  std::lock_guard lock(mu_);
+  for (auto it = ino_names_.begin(); it != ino_names_.end();) {
+    bool view = it->first >= kViewInoBase;
+    const auto& live = view ? views : jobs;
+    if (live.count(it->second)) {
+      ++it;
+      continue;
+    }
+    // A later lookup of the same id gets a new number; the kernel's stale
+    // inode answers ENOENT, as the file is gone.
+    (view ? view_inos_ : job_inos_).erase(it->second);
+    it = ino_names_.erase(it);
+  }
+}
+
 fuse_ino_t CbwFs::DynamicIno(Kind kind, const std::string& name) {
+  PruneDynamicInos();
   std::lock_guard lock(mu_);
   auto& map = kind == Kind::kJob ? job_inos_ : view_inos_;
   auto [it, inserted] = map.emplace(name, 0);

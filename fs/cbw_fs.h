@@ -4,6 +4,7 @@
 #include <fuse_lowlevel.h>
 #include <sys/types.h>
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -54,6 +55,11 @@ class CbwFs {
   // Answers every parked events read with end-of-file; later reads get EOF
   // at once. Call after the session loop has ended.
   void Shutdown();
+  // At stop, while the loop still serves: waits until every events reader
+  // has read what is queued for it, then ends the stream (EOF) and waits for
+  // the readers to close, each wait bounded by `deadline`. So `cat events`
+  // sees the jobs' last events and ends cleanly rather than with an error.
+  void StopEvents(std::chrono::milliseconds deadline);
 
   // Op bodies (public for the C trampolines in cbw_fs.cc).
   void Init(fuse_conn_info* conn);
@@ -95,6 +101,9 @@ class CbwFs {
   // Fills `st` for ino; false if the node does not exist (now).
   bool Stat(fuse_ino_t ino, struct stat* st) const;
   fuse_ino_t DynamicIno(Kind kind, const std::string& name);
+  // Forgets the inode numbers of job files and views that no longer exist,
+  // once there are many: ids come and go for the daemon's whole life.
+  void PruneDynamicInos();
   void ReplyEntry(fuse_req_t req, fuse_ino_t ino, double timeout);
 
   backup::JobRegistry* registry_;

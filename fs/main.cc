@@ -118,7 +118,12 @@ int Run(int argc, char** argv) {
     // Only the detached child gets here; the parent exited in Daemonize.
   }
   LogInfo(std::string("mounted on ") + real);
-  s = session.Loop();
+  s = session.Loop([&] {
+    // A signal: cancel the jobs while the mount still serves, so events
+    // readers get BLOCK_JOB_CANCELLED and then end-of-file.
+    registry.Shutdown();
+    fs.StopEvents(std::chrono::seconds(2));
+  });
   // Teardown order: stop jobs (their events still reach open readers), end
   // parked reads, unmount, then the drives are flushed and closed as they go
   // out of scope.

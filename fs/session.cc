@@ -1,12 +1,14 @@
 #include "fs/session.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
+#include <thread>
 
 #include "backup/log.h"
 
@@ -19,7 +21,6 @@ Session::Session(CbwFs* fs, std::vector<std::string> mount_options)
 
 Session::~Session() {
   Unmount();
-  if (signals_) fuse_remove_signal_handlers(se_);
   if (se_) fuse_session_destroy(se_);
 }
 
@@ -35,10 +36,15 @@ Status Session::Mount(const std::string& mountpoint) {
   se_ = fuse_session_new(&args, &CbwFs::Ops(), sizeof(fuse_lowlevel_ops), fs_);
   fuse_opt_free_args(&args);
   if (!se_) return Status::Error(EINVAL, "cannot start FUSE with mount options '" + opts + "'");
-  if (fuse_set_signal_handlers(se_) != 0) {
-    return Status::Error(EIO, "cannot install signal handlers");
-  }
-  signals_ = true;
+  sigset_t stop;
+  sigemptyset(&stop);
+  for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGUSR1}) sigaddset(&stop, sig);
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  // SIGUSR2 only interrupts the loop's wait (see Loop).
+  struct sigaction sa {};
+  sa.sa_handler = [](int) {};
+  sigaction(SIGUSR2, &sa, nullptr);
+  signal(SIGPIPE, SIG_IGN);
   if (fuse_session_mount(se_, mountpoint.c_str()) != 0) {
     return Status::Error(EIO, "cannot mount on '" + mountpoint +
                                   "' (is /dev/fuse available and fusermount3 installed?)");
@@ -84,7 +90,26 @@ Status Session::Daemonize() {
   return Status::Ok();
 }
 
-Status Session::Loop() {
+Status Session::Loop(std::function<void()> on_stop) {
+  loop_thread_ = pthread_self();
+  // The signal watcher: stops jobs while FUSE still serves, then ends the
+  // loop. libfuse's loop only notices fuse_session_exit when its wait is
+  // interrupted, hence SIGUSR2 to this thread. SIGUSR1 ends the watcher when
+  // the loop ended by itself (unmount).
+  std::thread watcher([this, on_stop = std::move(on_stop)] {
+    sigset_t set;
+    sigemptyset(&set);
+    for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGUSR1}) sigaddset(&set, sig);
+    int sig = 0;
+    while (sigwait(&set, &sig) != 0) {
+    }
+    if (sig == SIGUSR1) return;
+    backup::LogInfo(std::string("got ") + strsignal(sig) + ": stopping");
+    if (on_stop) on_stop();
+    fuse_session_exit(se_);
+    pthread_kill(loop_thread_, SIGUSR2);
+  });
+
   fuse_loop_config* cfg = fuse_loop_cfg_create();
   // One /dev/fuse fd per worker (no contention on a shared fd). Workers are
   // started on demand and never retired: a cap on idle threads makes libfuse
@@ -96,7 +121,8 @@ Status Session::Loop() {
   int r = fuse_session_loop_mt(se_, cfg);
   fuse_loop_cfg_destroy(cfg);
   ready_fd_.Reset();
-  // r > 0 is the signal that ended the loop: a clean stop.
+  pthread_kill(watcher.native_handle(), SIGUSR1);
+  watcher.join();
   if (r < 0) return Status::Error(-r, std::string("FUSE loop: ") + std::strerror(-r));
   return Status::Ok();
 }

@@ -2,7 +2,9 @@
 
 #define FUSE_USE_VERSION 314
 #include <fuse_lowlevel.h>
+#include <pthread.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -22,15 +24,18 @@ class Session {
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
-  // Creates the session and mounts it; installs SIGTERM/SIGINT/SIGHUP
-  // handlers that end the loop.
+  // Creates the session and mounts it. Blocks SIGTERM/SIGINT/SIGHUP in the
+  // calling thread (and so in every thread started later): Loop() takes them
+  // on a thread of its own.
   backup::Status Mount(const std::string& mountpoint);
   // Forks. The parent waits until the child's FUSE init has run, then exits 0
   // (or 1 if the child died first); it never returns. The child detaches
   // (setsid, stdio to /dev/null, cwd "/"), logs to syslog and returns OK.
   backup::Status Daemonize();
-  // Runs the multithreaded loop until unmount or a signal.
-  backup::Status Loop();
+  // Runs the multithreaded loop until unmount or a signal. On SIGTERM,
+  // SIGINT or SIGHUP, `on_stop` runs first while the mount still serves (so
+  // events readers see jobs being cancelled), then the loop ends.
+  backup::Status Loop(std::function<void()> on_stop);
   void Unmount();
 
  private:
@@ -38,7 +43,7 @@ class Session {
   std::vector<std::string> mount_options_;
   fuse_session* se_ = nullptr;
   bool mounted_ = false;
-  bool signals_ = false;
+  pthread_t loop_thread_{};
   backup::UniqueFd ready_fd_;  // the child's end of the "init done" pipe
 };
 

@@ -161,6 +161,32 @@ TEST(Cli, DaemonizesOnceTheMountIsLive) {
   EXPECT_TRUE(again.Start({"--drive", "d=" + (dir / "src.img")}));
 }
 
+// Detaching forks: anything the daemon needs must still run in the child
+// (the job records of --state-dir are written by a thread of the engine).
+TEST(Cli, DetachedDaemonKeepsJobRecords) {
+  TempDir dir;
+  WriteFileOrDie(dir / "src.img", RandomBytes(2 << 20, 12));
+  mkdir((dir / "mnt").c_str(), 0755);
+  CommandResult r = RunCommand({CbwfsBinary(), "--state-dir", dir / "state", "--drive",
+                                "d=" + (dir / "src.img"), dir / "mnt"},
+                               std::chrono::seconds(20));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  CommandResult b = RunShell(
+      "echo '{\"execute\":\"drive-backup\",\"arguments\":{\"device\":\"d\","
+      "\"target\":\"" +
+      (dir / "t.img") + "\",\"sync\":\"full\"}}' > " + (dir / "mnt/control"));
+  EXPECT_EQ(b.exit_code, 0) << b.err;
+  // The final record reaches the state dir while the daemon runs.
+  EXPECT_TRUE(WaitFor([&] {
+    return RunShell("grep -qx 'result=success' " + (dir / "state/d.job")).exit_code == 0;
+  })) << RunShell("cat " + (dir / "state/d.job")).out;
+  EXPECT_EQ(RunCommand({"fusermount3", "-u", dir / "mnt"}).exit_code, 0);
+  EXPECT_TRUE(WaitFor([&] {
+    return RunCommand({"pgrep", "-f", "cbwfs --state-dir " + (dir / "state")}).exit_code != 0;
+  }));
+  EXPECT_EQ(ReadFileOrDie(dir / "t.img"), ReadFileOrDie(dir / "src.img"));
+}
+
 TEST(Cli, SigintAndUnmountExitZero) {
   TempDir dir;
   WriteFileOrDie(dir / "src.img", RandomBytes(1 << 20, 10));
