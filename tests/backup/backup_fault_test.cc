@@ -186,6 +186,39 @@ TEST_F(FaultTest, EnospcPolicyStopsOnEnospcAndReportsOtherErrors) {
   EXPECT_EQ(Info()->error, "Input/output error");
 }
 
+// EDQUOT is not ENOSPC: the enospc policy reports it; stop pauses with
+// io-status failed; report fails the job with its text.
+TEST_F(FaultTest, TargetEdquotUnderEachPolicy) {
+  struct Case {
+    ErrorPolicy policy;
+    bool pauses;
+  } cases[] = {
+      {ErrorPolicy::kReport, false}, {ErrorPolicy::kEnospc, false}, {ErrorPolicy::kStop, true}};
+  MakeDrive(RandomBytes(4 * kMiB, 41), false);
+  for (const auto& c : cases) {
+    SCOPED_TRACE(ToString(c.policy));
+    registry_->RemoveJobFile("drive0");
+    SetFaults("tgt.img write edquot 1048576 1048577");
+    auto o = Opts();
+    o.on_target_error = c.policy;
+    ASSERT_TRUE(registry_->StartBackups({o}).ok());
+    if (c.pauses) {
+      ASSERT_TRUE(WaitFor([&] { return Status(JobStatus::kPaused); }));
+      EXPECT_EQ(Info()->io_status, IoStatus::kFailed);
+      SetFaults("");
+      ASSERT_TRUE(registry_->Resume("drive0").ok());
+      ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+      EXPECT_EQ(Info()->result, JobResult::kSuccess);
+      EXPECT_TRUE(SameBytes(Target(), data_));
+    } else {
+      ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+      EXPECT_EQ(Info()->result, JobResult::kFailed);
+      EXPECT_EQ(Info()->error, "Disk quota exceeded");
+    }
+    EXPECT_TRUE(SameBytes(ReadAll(dir_ / "src.img"), data_));
+  }
+}
+
 TEST_F(FaultTest, SourceReadErrorsUseOnSourceError) {
   MakeDrive(RandomBytes(4 * kMiB, 5), true);
   EventRecorder rec(&bus_);
@@ -402,6 +435,56 @@ TEST(RealEnospcTest, StopOnFullTmpfsThenResumeAfterGrowing) {
     EXPECT_TRUE(SameBytes(ReadAll(mnt + "/t.img"), data));
   }
   umount2(mnt.c_str(), MNT_DETACH);
+}
+
+// The target's filesystem goes read-only mid-job (every write to it fails
+// with EROFS, as after an ext4 errors=remount-ro; a real remount is refused
+// while the target is open for writing) while writes hit the drive. With
+// on-target-error=stop and break-guest-write the job pauses (io-status
+// failed), drive writes whose old data cannot be saved fail with EIO and never
+// reach the source; once the filesystem is writable again the job resumes, the
+// target is the point in time and the source holds exactly the writes that
+// succeeded.
+TEST_F(FaultTest, TargetFilesystemGoesReadOnlyUnderWriters) {
+  MakeDrive(RandomBytes(8 * kMiB, 42), false);
+  std::string expected_source = data_;
+  auto o = Opts();
+  o.speed = 4 * kMiB;  // still copying when the filesystem turns read-only
+  o.on_target_error = ErrorPolicy::kStop;
+  o.on_cbw_error = CbwErrorPolicy::kBreakGuestWrite;
+  ASSERT_TRUE(registry_->StartBackups({o}).ok());
+  SetFaults("tgt.img write erofs");
+  std::mt19937_64 rng(43);
+  int refused = 0, done = 0;
+  auto write_some = [&](int n) {
+    for (int i = 0; i < n; ++i) {
+      uint64_t len = 512 + rng() % (256 * 1024);
+      uint64_t off = rng() % (data_.size() - len);
+      std::string buf = RandomBytes(len, rng());
+      auto r = drive_->Write(buf.data(), len, off);
+      if (r.ok()) {
+        expected_source.replace(off, len, buf);
+        ++done;
+      } else {
+        EXPECT_EQ(r.status().code(), EIO);
+        ++refused;
+      }
+    }
+  };
+  write_some(40);
+  ASSERT_TRUE(WaitFor([&] { return Status(JobStatus::kPaused); }));
+  EXPECT_EQ(Info()->io_status, IoStatus::kFailed);
+  EXPECT_GT(refused, 0);
+  EXPECT_TRUE(SameBytes(ReadAll(dir_ / "src.img"), expected_source));
+  SetFaults("");
+  ASSERT_TRUE(registry_->Resume("drive0").ok());
+  ASSERT_TRUE(registry_->SetSpeed("drive0", 0).ok());
+  write_some(40);
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+  EXPECT_EQ(Info()->result, JobResult::kSuccess);
+  EXPECT_GT(done, 0);
+  EXPECT_TRUE(SameBytes(Target(), data_));
+  EXPECT_TRUE(SameBytes(ReadAll(dir_ / "src.img"), expected_source));
 }
 
 // ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@
 //
 //   NAME   file name in the backing directory (no subdirectories)
 //   OP     read | write | fsync | fallocate | any
-//   KIND   eio | enospc | short (half the bytes, at least 1) | slow=MS |
+//   KIND   eio | enospc | edquot | erofs | short (half the bytes, at least 1) | slow=MS |
 //          hang (blocks until the rules are next written, the fs is
 //          unmounted, or the request is interrupted (EINTR): a server that
 //          stopped answering but, like an NFS `intr` mount, still honours
@@ -131,6 +131,10 @@ int Fault(const char* path, const char* op, uint64_t off, uint64_t len) {
         result = -EIO;
       } else if (r.kind == "enospc") {
         result = -ENOSPC;
+      } else if (r.kind == "edquot") {
+        result = -EDQUOT;
+      } else if (r.kind == "erofs") {
+        result = -EROFS;
       } else if (r.kind == "short") {
         result = 1;
       }
