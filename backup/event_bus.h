@@ -22,9 +22,9 @@ enum class EventType {
 // One event, in engine terms; control/ renders it as QMP JSON.
 struct Event {
   EventType type = EventType::kJobStatusChange;
-  int64_t seconds = 0;       // CLOCK_REALTIME at emission
+  int64_t seconds = 0;  // CLOCK_REALTIME at emission
   int64_t microseconds = 0;
-  std::string job_id;        // id / device
+  std::string job_id;                        // id / device
   JobStatus status = JobStatus::kUndefined;  // kJobStatusChange
   uint64_t len = 0, offset = 0, speed = 0;   // completed / cancelled
   std::optional<std::string> error;          // completed, when failed

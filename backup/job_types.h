@@ -80,11 +80,11 @@ struct JobInfo {
   IoStatus io_status = IoStatus::kOk;
   bool auto_finalize = true;
   bool auto_dismiss = true;
-  std::optional<std::string> error;  // strerror text (or message) when failed
-  double bytes_per_second = 0;       // measured over the recent past
-  std::optional<double> eta_seconds; // unknown: nullopt
-  uint64_t cbw_bytes = 0;            // copied on the drive write path
-  uint64_t skipped_bytes = 0;        // holes and zeros not copied
+  std::optional<std::string> error;   // strerror text (or message) when failed
+  double bytes_per_second = 0;        // measured over the recent past
+  std::optional<double> eta_seconds;  // unknown: nullopt
+  uint64_t cbw_bytes = 0;             // copied on the drive write path
+  uint64_t skipped_bytes = 0;         // holes and zeros not copied
   double started = 0;
   std::optional<double> finished;
   JobResult result = JobResult::kNone;  // set once concluded

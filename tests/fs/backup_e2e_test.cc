@@ -17,26 +17,10 @@
 #include <vector>
 
 #include "tests/fs/mount_fixture.h"
+#include "tests/fs/shell_helpers.h"
 
 namespace cbw::test {
 namespace {
-
-using json = nlohmann::json;
-using Clock = std::chrono::steady_clock;
-
-std::string Cmd(const std::string& execute, const json& args) {
-  return json{{"execute", execute}, {"arguments", args}}.dump();
-}
-
-json Record(CbwfsMount& m, const std::string& id) {
-  std::string r = m.JobRecord(id);
-  return r.empty() ? json() : json::parse(r, nullptr, false);
-}
-
-bool WaitResult(CbwfsMount& m, const std::string& id,
-                std::chrono::seconds deadline = std::chrono::seconds(120)) {
-  return WaitFor([&] { return Record(m, id).contains("result"); }, deadline);
-}
 
 // One writer thread that owns [base, base+span) of the drive and logs every
 // operation with its start and end time, so the target can be checked

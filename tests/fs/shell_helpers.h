@@ -1,6 +1,6 @@
 #pragma once
 
-// Small helpers shared by the control and snapshot end-to-end tests: QMP
+// Small helpers shared by the end-to-end tests: QMP
 // command text, job records, shell quoting, background shell processes and a
 // fixture with one mounted drive. Header-only on top of mount_fixture.h.
 
