@@ -166,6 +166,11 @@ std::string CbwfsBinary() {
   return env && *env ? env : CBWFS_BINARY_PATH;
 }
 
+bool UnderSanitizer() {
+  const char* m = getenv("CBW_TEST_MODE");
+  return m && (std::string(m) == "asan" || std::string(m) == "tsan");
+}
+
 CbwfsMount::CbwfsMount() : mnt_(dir_ / "mnt"), log_path_(dir_ / "cbwfs.log") {
   mkdir(mnt_.c_str(), 0755);
 }

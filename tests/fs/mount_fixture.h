@@ -56,6 +56,10 @@ CommandResult RunShell(const std::string& script,
 // Path of the cbwfs binary under test.
 std::string CbwfsBinary();
 
+// True when tests/run.sh built everything with a sanitizer (CBW_TEST_MODE
+// asan or tsan): memory figures and exit timing then measure the sanitizer.
+bool UnderSanitizer();
+
 // One cbwfs daemon on a temp mountpoint, run in the foreground (-f) as a
 // child. The destructor always lazily unmounts and kills the daemon, whatever
 // state the test left it in.

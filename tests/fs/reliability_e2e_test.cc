@@ -683,6 +683,11 @@ TEST_F(DeadTarget, CancelEndsTheJobWithinSeconds) {
 // its server already took), the mount is gone, and the source is released:
 // a new cbwfs mounts it at once. Once the target wakes, the exit status is 0.
 TEST_F(DeadTarget, SigtermWithTheTargetHungEndsTheDaemonAndReleasesTheSource) {
+  if (UnderSanitizer()) {
+    // LeakSanitizer's exit-time scan must stop every thread, and one is stuck
+    // in the frozen server's request: the process cannot finish exiting.
+    GTEST_SKIP() << "exit timing under a sanitizer";
+  }
   auto t0 = Clock::now();
   pid_t pid = m_.pid();
   kill(pid, SIGTERM);
