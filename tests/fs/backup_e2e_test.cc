@@ -166,19 +166,8 @@ void Apply(std::string* image, const Op& op) {
   return fail;
 }
 
-class BackupE2E : public ::testing::Test {
- protected:
-  void MountDrive(uint64_t size, std::vector<std::string> extra = {}) {
-    image_ = RandomBytes(size, 42);
-    WriteFileOrDie(dir_ / "src.img", image_);
-    std::vector<std::string> args = {"--drive", "drive0=" + (dir_ / "src.img")};
-    args.insert(args.end(), extra.begin(), extra.end());
-    ASSERT_TRUE(mount_.Start(args));
-  }
-  TempDir dir_;
-  CbwfsMount mount_;
-  std::string image_;
-};
+// One mounted drive and a scratch directory: the shared fixture.
+using BackupE2E = MountedDrive;
 
 TEST_F(BackupE2E, IdleFullBackupEqualsDrive) {
   MountDrive(4 * 1024 * 1024 + 4097);  // unaligned tail
