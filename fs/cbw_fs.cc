@@ -267,7 +267,8 @@ bool CbwFs::Stat(fuse_ino_t ino, struct stat* st) const {
       st->st_mode = S_IFREG | (d->readonly() ? 0400 : 0600);
       st->st_nlink = 1;
       st->st_size = static_cast<off_t>(d->size());
-      st->st_blocks = static_cast<blkcnt_t>(d->AllocatedBytes() / 512);
+      // The fstat above already has the allocation; a device counts as full.
+      st->st_blocks = d->is_block_device() ? static_cast<blkcnt_t>(d->size() / 512) : src.st_blocks;
       st->st_blksize = static_cast<blksize_t>(std::min<uint64_t>(config_.cluster_size, 1 << 20));
       return true;
     }
