@@ -1,57 +1,52 @@
 #pragma once
 
-// Thread model and lock order
-// ---------------------------
-// A BackupJob has a job thread (the state machine), started by Start() and
-// joined by Join()/the destructor, which runs the copier (the background copy)
-// on a thread of its own; and a small pool of copy-before-write workers that
-// do the CBW copies for drive writers. Drive writer threads enter the job
-// through its CBW hook (BeforeWrite); snapshot readers through ReadSnapshot
-// and SeekSnapshot; verbs arrive from control/ threads via the registry.
+// Thread model
+// ------------
+// A BackupJob has a job thread (the state machine), started by Start(),
+// which runs the copier (the background copy, backup/copier.h) on a thread of
+// its own; and copy-before-write tasks on a small WorkerPool for drive
+// writers. Drive writer threads enter the job through its CBW hook
+// (BeforeWrite); snapshot readers through ReadSnapshot and SeekSnapshot; verbs
+// arrive from control/ threads via the registry.
 //
-// Dead targets: a read or write on a target that stopped answering (a hung
-// NFS server or FUSE daemon) may never return, and nothing in userspace can
-// take it back. So no wait on target I/O is unbounded:
+// Dead targets: a read or write on a target that stopped answering may never
+// return, and nothing in userspace can take it back. So no wait on target I/O
+// is unbounded:
 //  - the job thread waits for the copier only until a cancel or an error has
 //    been pending for kAbandonGrace (2 s); then it concludes without it
 //    (cancelled or failed) and the copier is abandoned: it submits no more
 //    I/O, and exits whenever its I/O returns;
-//  - a drive writer waits for its CBW copy (done by a worker) at most
-//    cbw_timeout (JobParams; 30 s by default, like QEMU's cbw-timeout); then
-//    on-cbw-error applies: break-snapshot lets the write proceed and fails
-//    the job, break-guest-write fails the write with EIO (QEMU says
-//    ETIMEDOUT there; our SPEC promises EIO for a refused write);
+//  - a drive writer waits for its CBW copy at most cbw_timeout (30 s by
+//    default, like QEMU's cbw-timeout); then on-cbw-error applies:
+//    break-snapshot lets the write proceed and fails the job,
+//    break-guest-write fails the write with EIO (QEMU says ETIMEDOUT; SPEC
+//    promises EIO for a refused write);
 //  - snapshot readers are not waited for at all when the job ends.
-// Threads that may be stuck (copier, CBW workers) hold a shared_ptr to the
-// job, so it outlives them; and the target fd is closed only by whoever
-// stops using it last (target_users_), never under an I/O in flight, so its
-// number cannot be reused under one. A stuck thread touches neither the
-// drive nor the registry once the job has concluded.
+// Threads that may be stuck (copier, CBW tasks, view reads) hold a shared_ptr
+// to the job and to the target, so both outlive them and the last user closes
+// the target. A stuck thread touches neither the drive nor the registry once
+// the job has concluded (ending_).
 //
-// One mutex, mu_, guards everything mutable in the job: the cluster states
-// (the copy bitmap and in-flight claims in one array), frozen snapshot reads,
-// counters, the state machine and the rate limiter. cv_ is notified on every
-// change any waiter may care about. I/O is never done with mu_ held.
+// Locks: mu_ guards everything mutable in the job: the cluster states (copy
+// bitmap and in-flight claims), frozen snapshot reads, counters, the state
+// machine and the rate limiter. cv_ is signalled on every change a waiter may
+// care about. I/O is never done with mu_ held. Events are queued under mu_
+// (outbox_) and published after it is released, in order, under publish_mu_
+// (taken with no other lock held). See backup/mutex.h for the global order.
 //
-// Lock order: JobRegistry::mu_ -> BackupJob::mu_ -> EventBus::mu_. A job never
-// holds its own mu_ while taking another job's (transaction peers are
-// cancelled with no lock held) nor while calling Drive::RemoveHook.
-//
-// Cluster states: kDirty (not yet preserved: the source still holds the data
-// of the point in time), kCopying (claimed by exactly one copier: the
-// background thread or one CBW writer), kDone (the target holds it, as data or
-// as a hole). Claims go kDirty -> kCopying under mu_, so no cluster is ever
-// copied twice at once; a failed copy returns its clusters to kDirty. A drive
-// write waits until every cluster it touches is kDone and no frozen snapshot
-// read overlaps it, copying the dirty ones itself.
+// Cluster states: dirty (not yet preserved: the source still holds the data
+// of the point in time), copying (claimed by exactly one copier: the
+// background copier or one CBW task), done (the target holds it, as data or
+// as a hole). Claims go dirty -> copying under mu_, so no cluster is ever
+// copied twice at once; a failed copy returns its clusters to dirty. A drive
+// write waits until every cluster it touches is done and no frozen snapshot
+// read overlaps it, copying the dirty ones first.
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -59,173 +54,156 @@
 #include <vector>
 
 #include "backup/cluster_map.h"
+#include "backup/copier.h"
 #include "backup/drive.h"
 #include "backup/event_bus.h"
 #include "backup/job_types.h"
+#include "backup/mutex.h"
 #include "backup/rate_limiter.h"
 #include "backup/status.h"
 #include "backup/target.h"
+#include "backup/txn.h"
+#include "backup/worker_pool.h"
 
 namespace cbw::backup {
-
-class BackupJob;
-
-// The jobs started by one StartBackups call. With kGrouped, a failed or
-// cancelled job cancels its peers, and jobs leave `waiting` together once all
-// have finished copying. Thread-safe.
-class Txn {
- public:
-  explicit Txn(CompletionMode mode) : mode_(mode) {}
-  CompletionMode mode() const { return mode_; }
-  void Add(const std::shared_ptr<BackupJob>& job);
-  // A job finished copying successfully. Wakes every job once all have.
-  void MarkCopied();
-  bool AllCopied() const;
-  // A job failed or was cancelled: with kGrouped, cancels the others.
-  void Abort(const BackupJob* from);
-  // job-finalize on one job of a grouped transaction finalizes all.
-  void FinalizeAll(const BackupJob* from);
-
- private:
-  std::vector<std::shared_ptr<BackupJob>> Peers(const BackupJob* from) const;
-  const CompletionMode mode_;
-  mutable std::mutex mu_;
-  std::vector<std::weak_ptr<BackupJob>> jobs_;
-  size_t copied_ = 0;
-};
 
 struct JobParams {
   BackupOptions options;  // job_id already defaulted
   Drive* drive = nullptr;
-  OpenedTarget target;
+  std::shared_ptr<Target> target;
   EventBus* bus = nullptr;
   std::shared_ptr<Txn> txn;
   uint64_t cluster_size = 64 * 1024;
   uint64_t chunk_size = 1024 * 1024;  // background copy unit (a multiple of clusters)
-  unsigned queue_depth = 8;           // parallel chunk copies in flight
+  unsigned queue_depth = 8;           // chunks in flight
   // How long a drive write waits for its copy-before-write (see above).
   std::chrono::milliseconds cbw_timeout{30'000};
 };
 
-// One drive-backup job: copy state, CBW hook, background copier (io_uring),
-// state machine. Created by JobRegistry; all public methods thread-safe.
-class BackupJob : public std::enable_shared_from_this<BackupJob> {
+// One drive-backup job: copy state, CBW hook, background copier, state
+// machine, snapshot view. Created by JobRegistry; all public methods are
+// thread-safe.
+class BackupJob : public std::enable_shared_from_this<BackupJob>, private CopierHost {
  public:
   explicit BackupJob(JobParams params);
-  ~BackupJob();  // joins the copier thread
+  ~BackupJob() override;  // joins the job thread
   BackupJob(const BackupJob&) = delete;
   BackupJob& operator=(const BackupJob&) = delete;
 
   const std::string& id() const { return id_; }
   Drive* drive() const { return drive_; }
-  dev_t target_dev() const { return target_.dev; }
-  ino_t target_ino() const { return target_.ino; }
-  const std::string& target_path() const { return target_.path; }
+  const std::string& target_identity() const { return target_identity_; }
+  const std::string& target_display() const { return target_display_; }
 
   // The hook to install on the drive (once, by the registry).
   std::shared_ptr<WriteHook> hook() const { return hook_; }
   // Emits `created`. Called before the hooks are installed.
-  void Announce();
-  // created -> running, and starts the copier thread. Called after the hooks
+  void Announce() CBW_EXCLUDES(mu_);
+  // created -> running, and starts the job thread. Called after the hooks
   // are installed (the point in time).
-  void Start();
+  void Start() CBW_EXCLUDES(mu_);
 
   // QMP verbs; messages and errnos as documented on JobRegistry.
-  Status Cancel(bool force);
-  Status Pause();
-  Status Resume();
-  Status SetSpeed(int64_t speed);
-  Status Complete();
-  Status Finalize();
-  Status Dismiss();
+  Status Cancel(bool force) CBW_EXCLUDES(mu_);
+  Status Pause() CBW_EXCLUDES(mu_);
+  Status Resume() CBW_EXCLUDES(mu_);
+  Status SetSpeed(int64_t speed) CBW_EXCLUDES(mu_);
+  Status Complete() CBW_EXCLUDES(mu_);
+  Status Finalize() CBW_EXCLUDES(mu_);
+  Status Dismiss() CBW_EXCLUDES(mu_);
 
   // Cancel without verb checks (shutdown, grouped transactions); no-op for a
   // job that is already ending.
-  void CancelInternal();
-  void FinalizeInternal();
-  // Wakes the copier thread to re-check its conditions.
-  void Kick();
+  void CancelInternal() CBW_EXCLUDES(mu_);
+  void FinalizeInternal() CBW_EXCLUDES(mu_);
+  // Wakes the job's threads to re-check their conditions.
+  void Kick() CBW_EXCLUDES(mu_);
 
-  JobInfo Info() const;
-  bool listed() const;
+  JobInfo Info() const CBW_EXCLUDES(mu_);
+  bool listed() const CBW_EXCLUDES(mu_);
+  bool ended() const CBW_EXCLUDES(mu_);  // concluded or null
   // Not yet concluded: its target is busy and its view exists.
-  bool live() const;
-  bool ended() const;  // concluded or null
-  double finished_time() const;
-
-  // The copy-before-write step for [offset, offset+length) (the hook).
-  Status BeforeWrite(uint64_t offset, uint64_t length);
+  bool live() const { return !ended(); }
 
   // Snapshot view (SPEC 5).
   uint64_t size() const { return size_; }
-  bool view_available() const;
-  Result<size_t> ReadSnapshot(void* buf, size_t len, uint64_t off);
-  Result<uint64_t> SeekSnapshot(uint64_t off, int whence);
+  bool view_available() const CBW_EXCLUDES(mu_);
+  Result<size_t> ReadSnapshot(void* buf, size_t len, uint64_t off) CBW_EXCLUDES(mu_);
+  Result<uint64_t> SeekSnapshot(uint64_t off, int whence) CBW_EXCLUDES(mu_);
 
   // Waits for the job thread to exit (it does after `concluded`).
   void Join();
   // Waits until the job thread has finished its work (concluded, and about
   // to exit), or `deadline`. True if it has.
-  bool WaitFinished(std::chrono::steady_clock::time_point deadline);
+  bool WaitFinished(std::chrono::steady_clock::time_point deadline) CBW_EXCLUDES(mu_);
+
+  // The copy-before-write step for [offset, offset+length) (the hook).
+  Status BeforeWrite(uint64_t offset, uint64_t length, bool may_block) CBW_EXCLUDES(mu_);
 
  private:
   class Hook;
-  class Copier;
-  friend class Copier;
-  struct ClusterRun {
-    uint64_t c0, c1;
-  };
+  struct CbwTask;
+  enum class Outcome { kSuccess, kFailed, kCancelled };
+  using Run = CopierHost::Run;
 
   // --- helpers, mu_ held ---
-  void TransitionLocked(JobStatus to);
-  Status VerbCheckLocked(JobVerb verb) const;
+  void TransitionLocked(JobStatus to) CBW_REQUIRES(mu_);
+  void PublishLocked(Event e) CBW_REQUIRES(mu_);
+  // Waits on cv_ once, after publishing queued events (which counts as a
+  // wake-up: callers re-check their condition in a loop). mu_ is held again
+  // on return. (Unchecked by the analysis: it drops `lock` for the flush.)
+  void WaitLocked(MutexLock* lock) CBW_REQUIRES(mu_) CBW_NO_TSA;
+  bool WaitUntilLocked(MutexLock* lock, std::chrono::steady_clock::time_point deadline)
+      CBW_REQUIRES(mu_) CBW_NO_TSA;
+  Status VerbCheckLocked(JobVerb verb) const CBW_REQUIRES(mu_);
   uint64_t ClusterBytes(uint64_t c0, uint64_t c1) const;
-  std::vector<ClusterRun> ClaimDirtyLocked(uint64_t c0, uint64_t c1);
-  void FinishClaimLocked(uint64_t c0, uint64_t c1, bool ok, uint64_t data_bytes,
-                         uint64_t zero_bytes, bool cbw);
-  void SetErrorLocked(int err, std::string message);
-  void SampleRateLocked();
-  bool FrozenOverlapsLocked(uint64_t c0, uint64_t c1) const;
-  void PublishLocked(Event e);
+  void FinishClaimLocked(const Run& run, bool ok, uint64_t data_bytes, uint64_t zero_bytes,
+                         bool cbw) CBW_REQUIRES(mu_);
+  void SetErrorLocked(int err, std::string message) CBW_REQUIRES(mu_);
+  void SampleRateLocked() CBW_REQUIRES(mu_);
+  bool FrozenOverlapsLocked(uint64_t c0, uint64_t c1) const CBW_REQUIRES(mu_);
+  // on-cbw-error for a CBW that failed or did not finish in time.
+  Status CbwFailedLocked(const Status& why) CBW_REQUIRES(mu_);
+  // Publishes the queued events, in order.
+  void FlushEvents() CBW_EXCLUDES(mu_);
+
+  // --- CopierHost (the copier's thread) ---
+  Halt halt() override CBW_EXCLUDES(mu_);
+  bool abandoned() override { return ending_.load(); }
+  std::optional<Run> ClaimNext(uint64_t* cursor, uint64_t end, uint64_t max_clusters) override
+      CBW_EXCLUDES(mu_);
+  uint64_t NextDirty(uint64_t from) override CBW_EXCLUDES(mu_);
+  void Finish(const Run& run, bool ok, uint64_t data, uint64_t zero) override CBW_EXCLUDES(mu_);
+  uint64_t ChunkBytes() override CBW_EXCLUDES(mu_);
+  uint64_t DelayNs(uint64_t bytes) override CBW_EXCLUDES(mu_);
+  void Consume(uint64_t bytes) override CBW_EXCLUDES(mu_);
+  bool AllDone() override CBW_EXCLUDES(mu_);
+  void Wait(uint64_t ns) override CBW_EXCLUDES(mu_);
+  bool OnPause() override CBW_EXCLUDES(mu_);
+  bool OnIoError(int err, bool is_read) override CBW_EXCLUDES(mu_);
 
   // --- job thread ---
-  void Run();
-  // --- copy-before-write workers ---
-  struct CbwTask {
-    uint64_t c0 = 0, c1 = 0;
-    bool started = false, done = false;
-    Status result;
-  };
-  void CbwWorker();
-  // Starts a worker if none is idle for the queued tasks. mu_ held.
-  void SpawnCbwWorkerLocked();
-  // on-cbw-error for a CBW that did not finish in time. mu_ held.
-  Status CbwTimeoutLocked(const std::vector<std::shared_ptr<CbwTask>>& mine);
-  // One user of target_.fd less; returns the fd to close (without mu_) when
-  // the job has concluded and this was the last user. mu_ held.
-  UniqueFd ReleaseTargetLocked();
-
-  // --- copier thread ---
+  void RunJob();
   // Waits while the job is user-paused (running <-> paused). Returns false
-  // if cancelled meanwhile. mu_ held via `lock`.
-  bool PausePointLocked(std::unique_lock<std::mutex>& lock);
-  enum class Outcome { kSuccess, kFailed, kCancelled };
-  Outcome RunNone();
-  Outcome RunFull();
-  Outcome Complete(Outcome copied);
-  void Conclude(Outcome outcome);
-  // Applies on-source/target-error. Returns true to retry, false when the job
-  // must fail (the error is recorded) or was cancelled.
-  bool HandleIoError(std::unique_lock<std::mutex>& lock, int err, bool is_read);
+  // if cancelled meanwhile.
+  bool PausePointLocked(MutexLock* lock) CBW_REQUIRES(mu_);
+  bool HandleIoErrorLocked(MutexLock* lock, int err, bool is_read) CBW_REQUIRES(mu_);
+  Outcome RunNone() CBW_EXCLUDES(mu_);
+  Outcome RunCopier() CBW_EXCLUDES(mu_);
+  Outcome Complete(Outcome copied) CBW_EXCLUDES(mu_);
+  void Conclude(Outcome outcome) CBW_EXCLUDES(mu_);
 
-  // --- I/O without mu_ ---
-  Status CopySync(uint64_t off, uint64_t len, uint64_t* zero_bytes);
-  Status ZeroTarget(uint64_t off, uint64_t len);
+  // --- copy-before-write tasks ---
+  void RunCbwTask(const std::shared_ptr<CbwTask>& task) CBW_EXCLUDES(mu_);
+  // Copies [off, off+len) from the source to `target` (zeros as holes or
+  // write-zeroes); no lock held.
+  Status CopySync(Target* target, uint64_t off, uint64_t len, uint64_t* zero_bytes);
 
   const std::string id_;
   const BackupOptions options_;
   Drive* const drive_;
-  OpenedTarget target_;
+  const std::string target_identity_;
+  const std::string target_display_;
   EventBus* const bus_;
   const std::shared_ptr<Txn> txn_;
   const uint64_t cluster_size_;
@@ -234,48 +212,45 @@ class BackupJob : public std::enable_shared_from_this<BackupJob> {
   const uint64_t size_;
   const uint64_t nclusters_;
   const std::chrono::milliseconds cbw_timeout_;
-  std::shared_ptr<WriteHook> hook_;
+  const std::shared_ptr<WriteHook> hook_;
+  const std::shared_ptr<WorkerPool> cbw_pool_;
+  const double started_;
   std::thread thread_;
   std::mutex join_mu_;
   // Set when the job concludes: threads still running (stuck ones) must not
-  // start new I/O nor touch the drive. Read without mu_ on I/O loops.
+  // start new I/O nor touch the drive. Read without mu_ on I/O paths.
   std::atomic<bool> ending_{false};
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  ClusterMap clusters_;
-  std::vector<ClusterRun> frozen_reads_;
-  // Threads using target_.fd right now: the copier, busy CBW workers and
-  // snapshot readers. Once target_orphaned_ (concluded), the last one closes.
-  unsigned target_users_ = 0;
-  bool target_orphaned_ = false;
-  bool copier_running_ = false;
-  bool thread_started_ = false;
-  bool run_finished_ = false;        // the job thread is done (WaitFinished)
-  std::optional<int> copy_outcome_;  // Outcome of the copier, once returned
-  std::deque<std::shared_ptr<CbwTask>> cbw_queue_;
-  std::condition_variable cbw_cv_;  // workers wait here for tasks
-  unsigned cbw_threads_ = 0, cbw_idle_ = 0;
-  JobStatus status_ = JobStatus::kCreated;
-  bool listed_ = true;
-  bool user_paused_ = false;
-  bool cancel_requested_ = false;
-  bool finalize_requested_ = false;
-  bool stopping_ = false;  // the job is ending: no more CBW, views read EIO
-  bool broken_ = false;    // break-snapshot: the point in time is lost
-  IoStatus io_status_ = IoStatus::kOk;
-  std::optional<std::string> error_;  // first error, sticky
-  int error_code_ = 0;
-  uint64_t speed_;
-  RateLimiter limiter_;
-  uint64_t offset_ = 0;
-  uint64_t cbw_bytes_ = 0;
-  uint64_t skipped_bytes_ = 0;
-  bool busy_ = false;
-  double started_ = 0;
-  std::optional<double> finished_;
-  JobResult result_ = JobResult::kNone;
-  std::deque<std::pair<double, uint64_t>> rate_samples_;  // (monotonic s, offset)
+  Mutex publish_mu_;  // serialises FlushEvents; taken with no other lock held
+  mutable Mutex mu_;
+  CondVar cv_;
+  std::shared_ptr<Target> target_ CBW_GUARDED_BY(mu_);  // reset once concluded
+  std::vector<Event> outbox_ CBW_GUARDED_BY(mu_);
+  ClusterMap clusters_ CBW_GUARDED_BY(mu_);
+  std::vector<Run> frozen_reads_ CBW_GUARDED_BY(mu_);
+  bool copier_running_ CBW_GUARDED_BY(mu_) = false;
+  bool thread_started_ CBW_GUARDED_BY(mu_) = false;
+  bool run_finished_ CBW_GUARDED_BY(mu_) = false;
+  std::optional<Copier::Outcome> copy_outcome_ CBW_GUARDED_BY(mu_);
+  JobStatus status_ CBW_GUARDED_BY(mu_) = JobStatus::kCreated;
+  bool listed_ CBW_GUARDED_BY(mu_) = true;
+  bool user_paused_ CBW_GUARDED_BY(mu_) = false;
+  bool cancel_requested_ CBW_GUARDED_BY(mu_) = false;
+  bool finalize_requested_ CBW_GUARDED_BY(mu_) = false;
+  bool stopping_ CBW_GUARDED_BY(mu_) = false;  // ending: no more CBW, views read EIO
+  bool broken_ CBW_GUARDED_BY(mu_) = false;    // break-snapshot: the point in time is lost
+  IoStatus io_status_ CBW_GUARDED_BY(mu_) = IoStatus::kOk;
+  std::optional<std::string> error_ CBW_GUARDED_BY(mu_);  // first error, sticky
+  uint64_t speed_ CBW_GUARDED_BY(mu_);
+  RateLimiter limiter_ CBW_GUARDED_BY(mu_);
+  uint64_t offset_ CBW_GUARDED_BY(mu_) = 0;
+  uint64_t cbw_bytes_ CBW_GUARDED_BY(mu_) = 0;
+  uint64_t skipped_bytes_ CBW_GUARDED_BY(mu_) = 0;
+  bool busy_ CBW_GUARDED_BY(mu_) = false;
+  std::optional<double> finished_ CBW_GUARDED_BY(mu_);
+  JobResult result_ CBW_GUARDED_BY(mu_) = JobResult::kNone;
+  // (monotonic seconds, offset), for the measured rate and the ETA.
+  std::deque<std::pair<double, uint64_t>> rate_samples_ CBW_GUARDED_BY(mu_);
 };
 
 }  // namespace cbw::backup

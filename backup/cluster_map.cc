@@ -13,25 +13,55 @@ ClusterMap::State ClusterMap::Get(uint64_t c) const {
   return AnyCopying(c, c + 1) ? State::kCopying : State::kDone;
 }
 
-uint64_t ClusterMap::NextDirty(uint64_t from) const {
-  if (from >= n_) return n_;
+uint64_t ClusterMap::NextDirty(uint64_t from, uint64_t limit) const {
+  limit = std::min(limit, n_);
+  if (from >= limit) return limit;
   uint64_t w = from / 64;
   uint64_t word = bits_[w] & (~uint64_t{0} << (from % 64));
   for (;;) {
-    if (word) return std::min(n_, w * 64 + static_cast<uint64_t>(__builtin_ctzll(word)));
-    if (++w >= bits_.size()) return n_;
+    if (word) return std::min(limit, w * 64 + static_cast<uint64_t>(__builtin_ctzll(word)));
+    if (++w >= bits_.size() || w * 64 >= limit) return limit;
     word = bits_[w];
   }
 }
 
-uint64_t ClusterMap::NextClean(uint64_t from) const {
-  if (from >= n_) return n_;
+uint64_t ClusterMap::NextClean(uint64_t from, uint64_t limit) const {
+  limit = std::min(limit, n_);
+  if (from >= limit) return limit;
   uint64_t w = from / 64;
   uint64_t word = ~bits_[w] & (~uint64_t{0} << (from % 64));
   for (;;) {
-    if (word) return std::min(n_, w * 64 + static_cast<uint64_t>(__builtin_ctzll(word)));
-    if (++w >= bits_.size()) return n_;
+    if (word) return std::min(limit, w * 64 + static_cast<uint64_t>(__builtin_ctzll(word)));
+    if (++w >= bits_.size() || w * 64 >= limit) return limit;
     word = ~bits_[w];
+  }
+}
+
+uint64_t ClusterMap::RunEnd(uint64_t from, uint64_t limit) const {
+  limit = std::min(limit, n_);
+  if (from >= limit) return limit;
+  if (IsDone(from)) {
+    // Done clusters end at the next dirty one or the next claim.
+    uint64_t end = NextDirty(from, limit);
+    for (const auto& [a, b] : copying_) {
+      if (a > from && a < end) end = a;
+    }
+    return end;
+  }
+  // Not done: dirty clusters and claims, in any mix.
+  uint64_t c = from;
+  for (;;) {
+    c = NextClean(c, limit);
+    if (c >= limit) return limit;
+    bool claimed = false;
+    for (const auto& [a, b] : copying_) {
+      if (a <= c && c < b) {
+        c = b;
+        claimed = true;
+        break;
+      }
+    }
+    if (!claimed) return c;
   }
 }
 

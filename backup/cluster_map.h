@@ -28,12 +28,19 @@ class ClusterMap {
   uint64_t copying_count() const { return copying_count_; }
   State Get(uint64_t c) const;
   bool IsDirty(uint64_t c) const { return (bits_[c / 64] >> (c % 64)) & 1; }
-  // The first dirty cluster at or after `from`, or size() if none.
-  uint64_t NextDirty(uint64_t from) const;
-  // The first cluster at or after `from` that is not dirty, or size().
-  uint64_t NextClean(uint64_t from) const;
+  // The first dirty cluster in [from, limit), or limit if none (limit is
+  // clipped to size()). Scans a word of 64 clusters per step.
+  uint64_t NextDirty(uint64_t from, uint64_t limit = UINT64_MAX) const;
+  // The first cluster in [from, limit) that is not dirty, or limit.
+  uint64_t NextClean(uint64_t from, uint64_t limit = UINT64_MAX) const;
   // Whether any cluster in [c0, c1) is being copied.
   bool AnyCopying(uint64_t c0, uint64_t c1) const;
+  // Done: neither dirty nor being copied (the target holds it).
+  bool IsDone(uint64_t c) const { return !IsDirty(c) && !AnyCopying(c, c + 1); }
+  // The end of the run of clusters from `from` that are all done or all not
+  // done (like `from`), at most `limit`. For views and their seeks: the cost
+  // is a word scan, never a walk per cluster.
+  uint64_t RunEnd(uint64_t from, uint64_t limit = UINT64_MAX) const;
 
   // Claims every dirty cluster in [c0, c1) for copying; returns the claimed
   // runs [first, second) in ascending order.

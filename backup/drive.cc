@@ -9,7 +9,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <future>
+
+#include "backup/log.h"
+#include "backup/posix_io.h"
+#include "backup/threads.h"
+#include "backup/worker_pool.h"
 
 namespace cbw::backup {
 namespace {
@@ -59,33 +66,15 @@ Status LockSource(int fd, const std::string& path, bool readonly) {
   return Status::Ok();
 }
 
-Status PwriteAll(int fd, const char* buf, size_t len, uint64_t off) {
-  while (len > 0) {
-    ssize_t n = pwrite(fd, buf, len, static_cast<off_t>(off));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Status::FromErrno(errno, "write");
-    }
-    if (n == 0) return Status::Error(EIO, "write: wrote nothing");
-    buf += n;
-    len -= static_cast<size_t>(n);
-    off += static_cast<uint64_t>(n);
-  }
-  return Status::Ok();
-}
+}  // namespace
 
-Status WriteZeroes(int fd, uint64_t off, uint64_t len) {
-  static const std::vector<char> kZeros(1 << 20, 0);
-  while (len > 0) {
-    size_t n = static_cast<size_t>(std::min<uint64_t>(len, kZeros.size()));
-    Status s = PwriteAll(fd, kZeros.data(), n, off);
-    if (!s.ok()) return s;
-    off += n;
-    len -= n;
-  }
-  return Status::Ok();
-}
-
+namespace {
+// The slow path's writer threads per drive: a write parked there holds only
+// memory (a copy of its data), not a FUSE worker.
+constexpr unsigned kSlowWriters = 64;
+// How long a dying Drive waits for slow-path writes still in flight (each is
+// bounded by the CBW timeout, and jobs are cancelled before drives close).
+constexpr auto kDrainTimeout = std::chrono::seconds(35);
 }  // namespace
 
 // RAII for one writer's stay inside the gate.
@@ -100,6 +89,24 @@ class Drive::GateGuard {
   Drive* d_;
 };
 
+// RAII for a closed gate on several drives (in address order, so two
+// closers of overlapping sets cannot deadlock), reopened in reverse.
+class Drive::GateClosure {
+ public:
+  explicit GateClosure(std::vector<Drive*> drives) : drives_(std::move(drives)) {
+    std::sort(drives_.begin(), drives_.end());
+    drives_.erase(std::unique(drives_.begin(), drives_.end()), drives_.end());
+    for (Drive* d : drives_) d->CloseGate();
+  }
+  ~GateClosure() {
+    for (auto it = drives_.rbegin(); it != drives_.rend(); ++it) (*it)->OpenGate();
+  }
+  GateClosure(const GateClosure&) = delete;
+  GateClosure& operator=(const GateClosure&) = delete;
+
+ private:
+  std::vector<Drive*> drives_;
+};
 Result<std::unique_ptr<Drive>> Drive::Open(const DriveConfig& config) {
   int flags = (config.readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK;
   UniqueFd fd(::open(config.path.c_str(), flags));
@@ -111,7 +118,10 @@ Result<std::unique_ptr<Drive>> Drive::Open(const DriveConfig& config) {
     return Status::Error(EINVAL, "'" + config.path + "' is not a regular file or block device");
   }
   // O_NONBLOCK only kept a FIFO from blocking the open; drop it.
-  fcntl(fd.get(), F_SETFL, fcntl(fd.get(), F_GETFL) & ~O_NONBLOCK);
+  int fl = fcntl(fd.get(), F_GETFL);
+  if (fl < 0 || fcntl(fd.get(), F_SETFL, fl & ~O_NONBLOCK) != 0) {
+    return Status::FromErrno(errno, "Could not open '" + config.path + "'");
+  }
   Status s = LockSource(fd.get(), config.path, config.readonly);
   if (!s.ok()) return s;
 
@@ -137,18 +147,26 @@ Result<std::unique_ptr<Drive>> Drive::Open(const DriveConfig& config) {
     d->size_ = static_cast<uint64_t>(st.st_size);
   }
   d->fd_ = std::move(fd);
+  d->slow_ = WorkerPool::Create("drive '" + config.name + "' writer", kSlowWriters,
+                                std::chrono::seconds(10));
   return d;
 }
 
 Drive::~Drive() {
-  if (fd_.valid() && !readonly_) fsync(fd_.get());
+  if (slow_ && !slow_->WaitIdle(std::chrono::steady_clock::now() + kDrainTimeout)) {
+    LogError("drive '" + name_ + "': writes still in flight at close");
+  }
+  if (slow_) slow_->Stop();
+  if (fd_.valid() && !readonly_ && fsync(fd_.get()) != 0) {
+    LogError("drive '" + name_ + "': fsync of '" + path_ + "' at close: " + std::strerror(errno));
+  }
 }
 
 void Drive::EnterGate() {
   for (;;) {
     in_flight_.fetch_add(1, std::memory_order_seq_cst);
     if (!closed_.load(std::memory_order_seq_cst)) return;
-    // An installer is closing the gate: step back out and wait for it.
+    // A closer is closing the gate: step back out and wait for it.
     LeaveGate();
     std::unique_lock lock(gate_mu_);
     gate_cv_.wait(lock, [this] { return !closed_.load(std::memory_order_seq_cst); });
@@ -179,63 +197,109 @@ void Drive::OpenGate() {
   install_mu_.unlock();
 }
 
+void Drive::AtPointInTime(std::vector<Drive*> drives, const std::function<void()>& change) {
+  GateClosure closed(std::move(drives));
+  change();
+}
+
 void Drive::InstallHooks(const std::vector<std::pair<Drive*, std::shared_ptr<WriteHook>>>& hooks) {
   std::vector<Drive*> drives;
   for (const auto& [d, h] : hooks) drives.push_back(d);
-  std::sort(drives.begin(), drives.end());
-  drives.erase(std::unique(drives.begin(), drives.end()), drives.end());
-  for (Drive* d : drives) d->CloseGate();
-  for (const auto& [d, h] : hooks) d->hooks_.push_back(h);
-  for (auto it = drives.rbegin(); it != drives.rend(); ++it) (*it)->OpenGate();
+  AtPointInTime(drives, [&] {
+    for (const auto& [d, h] : hooks) d->AddHookWithGateClosed(h);
+  });
+}
+
+void Drive::AddHookWithGateClosed(std::shared_ptr<WriteHook> hook) {
+  hooks_.push_back(std::move(hook));
 }
 
 void Drive::RemoveHook(const WriteHook* hook) {
-  CloseGate();
+  GateClosure closed({this});
   hooks_.erase(std::remove_if(hooks_.begin(), hooks_.end(),
                               [hook](const auto& h) { return h.get() == hook; }),
                hooks_.end());
-  OpenGate();
-}
-
-template <class Op>
-Status Drive::RunHooksThen(uint64_t off, uint64_t len, Op op) {
-  GateGuard guard(this);
-  for (const auto& hook : hooks_) {
-    Status s = hook->BeforeWrite(off, len);
-    if (!s.ok()) return s;
-  }
-  return op();
 }
 
 Result<size_t> Drive::Read(void* buf, size_t len, uint64_t off) const {
   if (off >= size_) return size_t{0};
   len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
-  size_t done = 0;
-  while (done < len) {
-    ssize_t n = pread(fd_.get(), static_cast<char*>(buf) + done, len - done,
-                      static_cast<off_t>(off + done));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Status::FromErrno(errno, "read of '" + path_ + "'");
-    }
-    if (n == 0) {  // the file shrank under us: read as zeroes, like a device
-      std::memset(static_cast<char*>(buf) + done, 0, len - done);
-      break;
-    }
-    done += static_cast<size_t>(n);
-  }
+  Result<size_t> n = PreadFull(fd_.get(), buf, len, off);
+  if (!n.ok()) return Status::FromErrno(n.status().code(), "read of '" + path_ + "'");
+  // A file that shrank under us reads as zeroes, like a device.
+  if (*n < len) std::memset(static_cast<char*>(buf) + *n, 0, len - *n);
   return len;
 }
 
+Result<size_t> Drive::Apply(const Op& op, bool may_block) {
+  GateGuard guard(this);
+  for (const auto& hook : hooks_) {
+    Status s = hook->BeforeWrite(op.off, op.len, may_block);
+    if (!s.ok()) return s;
+  }
+  if (Status s = RunSource(op); !s.ok()) return s;
+  return op.kind == OpKind::kWrite ? op.len : 0;
+}
+
+Status Drive::RunSource(const Op& op) {
+  switch (op.kind) {
+    case OpKind::kWrite:
+      return PwriteFull(fd_.get(), op.data, op.len, op.off, "write to source");
+    case OpKind::kPunch:
+      return ZeroSource(FALLOC_FL_PUNCH_HOLE, op.off, op.len);
+    case OpKind::kZero:
+      return ZeroSource(FALLOC_FL_ZERO_RANGE, op.off, op.len);
+  }
+  return Status::Error(EINVAL, "unknown operation");
+}
+
+void Drive::Submit(const Op& in, Done done) {
+  Op op = in;
+  if (readonly_) return done(Status::Error(EROFS, "drive '" + name_ + "' is read-only"));
+  if (op.kind == OpKind::kWrite) {
+    if (op.len == 0) return done(size_t{0});
+    if (op.off >= size_) {
+      return done(Status::Error(ENOSPC, "write past the end of drive '" + name_ + "'"));
+    }
+  } else if (op.off >= size_ || op.len == 0) {
+    return done(size_t{0});
+  }
+  op.len = static_cast<size_t>(std::min<uint64_t>(op.len, size_ - op.off));
+  Result<size_t> r = Apply(op, /*may_block=*/false);
+  if (r.ok() || r.status().code() != EAGAIN) return done(std::move(r));
+  // The slow path: a thread that may wait runs it again from the start.
+  std::shared_ptr<std::vector<char>> data;
+  if (op.kind == OpKind::kWrite) {
+    data = std::make_shared<std::vector<char>>(op.data, op.data + op.len);
+    op.data = nullptr;
+  }
+  slow_->Submit([this, op, data, done = std::move(done)]() mutable {
+    if (data) op.data = data->data();
+    Result<size_t> r = Status::Error(EIO, "drive write failed");
+    RunGuarded("drive write", [&] { r = Apply(op, /*may_block=*/true); });
+    done(std::move(r));
+  });
+}
+
+namespace {
+Result<size_t> SubmitAndWait(Drive* d, const Drive::Op& op) {
+  std::promise<Result<size_t>> p;
+  auto f = p.get_future();
+  d->Submit(op, [&p](Result<size_t> r) { p.set_value(std::move(r)); });
+  return f.get();
+}
+}  // namespace
+
 Result<size_t> Drive::Write(const void* buf, size_t len, uint64_t off) {
-  if (readonly_) return Status::Error(EROFS, "drive '" + name_ + "' is read-only");
-  if (len == 0) return size_t{0};
-  if (off >= size_) return Status::Error(ENOSPC, "write past the end of drive '" + name_ + "'");
-  len = static_cast<size_t>(std::min<uint64_t>(len, size_ - off));
-  Status s = RunHooksThen(
-      off, len, [&] { return PwriteAll(fd_.get(), static_cast<const char*>(buf), len, off); });
-  if (!s.ok()) return s;
-  return len;
+  return SubmitAndWait(this, {OpKind::kWrite, static_cast<const char*>(buf), len, off});
+}
+
+Status Drive::PunchHole(uint64_t off, uint64_t len) {
+  return SubmitAndWait(this, {OpKind::kPunch, nullptr, static_cast<size_t>(len), off}).status();
+}
+
+Status Drive::ZeroRange(uint64_t off, uint64_t len) {
+  return SubmitAndWait(this, {OpKind::kZero, nullptr, static_cast<size_t>(len), off}).status();
 }
 
 Status Drive::ZeroSource(int mode, uint64_t off, uint64_t len) {
@@ -252,28 +316,14 @@ Status Drive::ZeroSource(int mode, uint64_t off, uint64_t len) {
     if (r != 0) {
       if (errno != EOPNOTSUPP) return Status::FromErrno(errno, "fallocate");
       // Same contents, no hole.
-      return WriteZeroes(fd_.get(), off, len);
+      return PwriteZeroes(fd_.get(), off, len, "write to source");
     }
   } else {
     a = b = off + len;
   }
-  Status s = WriteZeroes(fd_.get(), off, a - off);
+  Status s = PwriteZeroes(fd_.get(), off, a - off, "write to source");
   if (!s.ok()) return s;
-  return WriteZeroes(fd_.get(), b, off + len - b);
-}
-
-Status Drive::PunchHole(uint64_t off, uint64_t len) {
-  if (readonly_) return Status::Error(EROFS, "drive '" + name_ + "' is read-only");
-  if (off >= size_ || len == 0) return Status::Ok();
-  len = std::min<uint64_t>(len, size_ - off);
-  return RunHooksThen(off, len, [&] { return ZeroSource(FALLOC_FL_PUNCH_HOLE, off, len); });
-}
-
-Status Drive::ZeroRange(uint64_t off, uint64_t len) {
-  if (readonly_) return Status::Error(EROFS, "drive '" + name_ + "' is read-only");
-  if (off >= size_ || len == 0) return Status::Ok();
-  len = std::min<uint64_t>(len, size_ - off);
-  return RunHooksThen(off, len, [&] { return ZeroSource(FALLOC_FL_ZERO_RANGE, off, len); });
+  return PwriteZeroes(fd_.get(), b, off + len - b, "write to source");
 }
 
 Status Drive::Flush(bool datasync) {

@@ -5,9 +5,11 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backup/status.h"
@@ -15,8 +17,10 @@
 
 namespace cbw::backup {
 
+class WorkerPool;
+
 // An observer of a drive's write path. Each live backup job installs one (its
-// copy-before-write state); dirty bitmaps will be another.
+// copy-before-write state); dirty bitmaps are another.
 //
 // Thread safety: BeforeWrite is called concurrently from many writer threads,
 // for overlapping or disjoint ranges; implementations synchronise themselves.
@@ -27,7 +31,13 @@ class WriteHook {
   // reaches the source, while the hook is installed. Returning an error fails
   // the drive operation with that errno and the source is left untouched (this
   // is how on-cbw-error=break-guest-write refuses a write).
-  virtual Status BeforeWrite(uint64_t offset, uint64_t length) = 0;
+  //
+  // With may_block false (the fast path, on a FUSE worker thread) a hook that
+  // would have to wait (for a copy to the target, a copy in flight, a
+  // snapshot read) returns EAGAIN instead; the operation is then run again
+  // from the start with may_block true on a thread that may wait. So hooks
+  // must be idempotent: running a prefix of them twice is harmless.
+  virtual Status BeforeWrite(uint64_t offset, uint64_t length, bool may_block) = 0;
 };
 
 struct DriveConfig {
@@ -37,7 +47,8 @@ struct DriveConfig {
 };
 
 // One source image behind the CBW interposer. Every write-like operation goes
-// through Write/PunchHole/ZeroRange, which run the installed hooks first.
+// through Write/PunchHole/ZeroRange (or their asynchronous Submit form), which
+// run the installed hooks first.
 //
 // Thread model: all methods are safe to call concurrently. The hook list is
 // guarded by a write gate (not a mutex on the hot path): a writer enters the
@@ -45,10 +56,17 @@ struct DriveConfig {
 // RemoveHook close the gate, wait for writers inside to drain, change the list
 // and reopen it. So a hook sees every write that starts after its install
 // returned, and none that returned before: that instant is a job's point in
-// time. Lock order: Drive gate mutex is a leaf (hooks are never called with it
+// time. Lock order: the gate's mutexes are leaves (hooks never run with them
 // held).
 //
+// Slow path: Submit runs an operation on the caller's thread with hooks that
+// may not block; if one would, the operation (with a copy of its data) moves
+// to the drive's pool of writer threads, which may wait (at most the CBW
+// timeout), and its completion runs there. So a FUSE worker never waits on a
+// target, and a deep guest queue cannot take every worker.
+//
 // Ownership: the Drive owns the source fd and its locks (released on close).
+// The destructor waits (bounded) for slow-path operations in flight.
 class Drive {
  public:
   // Opens and locks the source: O_RDWR (O_RDONLY if readonly), refused unless
@@ -71,13 +89,25 @@ class Drive {
 
   // Reads up to len bytes at off; short at the end of the drive, 0 past it.
   Result<size_t> Read(void* buf, size_t len, uint64_t off) const;
-  // Writes through the hooks. ENOSPC when off >= size; cut short at the end.
-  // EROFS on a read-only drive.
+
+  // The write-like operations.
+  enum class OpKind { kWrite, kPunch, kZero };
+  struct Op {
+    OpKind kind = OpKind::kWrite;
+    const char* data = nullptr;  // kWrite only; valid until Submit returns
+    size_t len = 0;
+    uint64_t off = 0;
+  };
+  // Called once with the bytes done (kWrite) or 0, or the error.
+  using Done = std::function<void(Result<size_t>)>;
+  // Runs `op` through the hooks, then on the source. `done` runs on this
+  // thread (fast path) or later on a drive writer thread (slow path).
+  // Writes: EROFS on a read-only drive, ENOSPC when off >= size, cut short at
+  // the end. Punches and zeroings are clipped to the drive; block devices
+  // take unaligned edges as written zeros.
+  void Submit(const Op& op, Done done);
+  // The blocking forms (tests, tools): Submit and wait.
   Result<size_t> Write(const void* buf, size_t len, uint64_t off);
-  // fallocate(PUNCH_HOLE|KEEP_SIZE) / (ZERO_RANGE|KEEP_SIZE) through the
-  // hooks; the range is clipped to the drive. Block devices use BLKDISCARD /
-  // BLKZEROOUT equivalents via fallocate where the kernel supports it, else
-  // write zeroes.
   Status PunchHole(uint64_t off, uint64_t len);
   Status ZeroRange(uint64_t off, uint64_t len);
   // fdatasync (datasync) or fsync of the source.
@@ -87,23 +117,31 @@ class Drive {
   // Used bytes of the source (st_blocks * 512), for query-block.
   uint64_t AllocatedBytes() const;
 
-  // Installs hooks on several drives at one common instant: closes the gates
-  // of all of them (in address order), waits for in-flight writes, adds each
-  // hook, reopens. Writes that returned before this call are visible to the
-  // copiers; writes that start after it run the new hooks.
+  // Runs `change` on several drives at one common instant: closes the gates
+  // of all of them (in address order), waits for in-flight writes, runs it,
+  // reopens. Writes that returned before this call are visible to whatever
+  // `change` sets up; writes that start after it see its effect. `change`
+  // must not write to these drives.
+  static void AtPointInTime(std::vector<Drive*> drives, const std::function<void()>& change);
+  // Adds hooks at one instant (AtPointInTime + AddHookWithGateClosed).
   static void InstallHooks(const std::vector<std::pair<Drive*, std::shared_ptr<WriteHook>>>& hooks);
+  // Adds a hook; only inside AtPointInTime's `change` for this drive.
+  void AddHookWithGateClosed(std::shared_ptr<WriteHook> hook);
   // Removes a hook; returns once no write is still running it.
   void RemoveHook(const WriteHook* hook);
 
  private:
   Drive() = default;
   class GateGuard;
+  class GateClosure;
   void CloseGate();
   void OpenGate();
   void EnterGate();
   void LeaveGate();
-  template <class Op>
-  Status RunHooksThen(uint64_t off, uint64_t len, Op op);
+  // Runs the hooks and then `op` on the source, inside the gate. EAGAIN
+  // from a hook when !may_block means "retry on the slow path".
+  Result<size_t> Apply(const Op& op, bool may_block);
+  Status RunSource(const Op& op);
   // fallocate(mode) of [off, off+len) on the source. Block devices take only
   // whole logical blocks: the unaligned edges are written as zeroes. Falls
   // back to writing zeroes where the filesystem does not support `mode`.
@@ -118,13 +156,14 @@ class Drive {
   dev_t dev_ = 0;
   ino_t ino_ = 0;
   UniqueFd fd_;
+  std::shared_ptr<WorkerPool> slow_;  // the slow path's writer threads
 
   // Write gate (see the class comment).
   std::atomic<int> in_flight_{0};
   std::atomic<bool> closed_{false};
   std::mutex gate_mu_;  // only for waiting; protects nothing else
   std::condition_variable gate_cv_;
-  std::mutex install_mu_;                          // serialises installers
+  std::mutex install_mu_;                          // serialises gate closers
   std::vector<std::shared_ptr<WriteHook>> hooks_;  // changed only with the gate closed
 };
 

@@ -3,65 +3,23 @@
 #include <sys/stat.h>
 
 #include <algorithm>
-#include <cctype>
 #include <chrono>
-#include <condition_variable>
-#include <set>
-#include <thread>
 
 #include "backup/backup_job.h"
 #include "backup/job_store.h"
 #include "backup/log.h"
 #include "backup/target.h"
+#include "backup/threads.h"
 
 namespace cbw::backup {
-
-// Records in creation order: first those loaded from the state dir (all
-// ended, oldest first), then this run's jobs. A job id names at most one
-// record; a new job may take the id of a record that QMP no longer lists (it
-// replaces it).
-struct JobRegistry::State {
-  std::vector<JobInfo> archived;                 // loaded from the state dir; mu_
-  std::vector<std::shared_ptr<BackupJob>> jobs;  // mu_
-  bool shut_down = false;                        // mu_
-
-  // Persistence; all unset without a state dir.
-  std::mutex store_mu;  // serialises every JobStore call
-  std::unique_ptr<JobStore> store;
-  std::mutex pmu;  // leaf: taken by the bus subscriber
-  std::condition_variable pcv;
-  std::set<std::string> dirty;  // pmu: ids whose record must be rewritten
-  bool pstop = false;           // pmu
-  uint64_t token = 0;
-  std::thread persister;
-
-  std::vector<JobInfo>::iterator FindArchived(const std::string& id) {
-    return std::find_if(archived.begin(), archived.end(),
-                        [&](const JobInfo& i) { return i.id == id; });
-  }
-
-  std::shared_ptr<BackupJob> Find(const std::string& id) const {
-    for (const auto& j : jobs) {
-      if (j->id() == id) return j;
-    }
-    return nullptr;
-  }
-  std::shared_ptr<BackupJob> FindListed(const std::string& id) const {
-    auto j = Find(id);
-    return j && j->listed() ? j : nullptr;
-  }
-};
-
 namespace {
 
 bool ValidJobId(const std::string& id) {
-  if (id.empty() || id.size() > 64) return false;
-  if (!std::isalpha(static_cast<unsigned char>(id[0]))) return false;
-  for (char ch : id) {
-    auto c = static_cast<unsigned char>(ch);
-    if (!(std::isalnum(c) || c == '-' || c == '.' || c == '_')) return false;
-  }
-  return true;
+  auto letter = [](char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); };
+  if (id.empty() || id.size() > 64 || !letter(id[0])) return false;
+  return std::all_of(id.begin(), id.end(), [&](char c) {
+    return letter(c) || (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_';
+  });
 }
 
 Status JobNotFound() { return Status::Error(ESRCH, "Job not found"); }
@@ -84,7 +42,6 @@ Result<std::unique_ptr<JobRegistry>> JobRegistry::Open(std::vector<Drive*> drive
   }
   auto r = std::make_unique<JobRegistry>(std::move(drives), bus, std::move(options));
   if (!store) return r;
-  State& st = *r->state_;
   std::vector<JobInfo> loaded = store->Load();
   for (JobInfo& i : loaded) {
     i.listed = false;  // QMP jobs do not survive a restart, as in QEMU
@@ -94,7 +51,7 @@ Result<std::unique_ptr<JobRegistry>> JobRegistry::Open(std::vector<Drive*> drive
       if (i.result != JobResult::kNone) continue;
     }
     // Torn: the daemon stopped before this job concluded. Whatever its
-    // target holds, it is not a backup.
+    // target holds, it is not a backup. Its last saved offset stays.
     i.status = JobStatus::kConcluded;
     i.result = JobResult::kFailed;
     i.error = "daemon stopped";
@@ -120,69 +77,89 @@ Result<std::unique_ptr<JobRegistry>> JobRegistry::Open(std::vector<Drive*> drive
     LogInfo("state dir '" + store->dir() + "': " + std::to_string(loaded.size()) +
             " job record(s) loaded");
   }
-  st.archived = std::move(loaded);
-  st.store = std::move(store);
-  st.token = bus->Subscribe([&st](const Event& e) {
+  {
+    MutexLock lock(&r->mu_);
+    r->archived_ = std::move(loaded);
+  }
+  {
+    MutexLock lock(&r->store_mu_);
+    r->store_ = std::move(store);
+  }
+  JobRegistry* self = r.get();
+  r->token_ = bus->Subscribe([self](const Event& e) {
     if (e.type != EventType::kJobStatusChange) return;
-    std::lock_guard<std::mutex> lock(st.pmu);
-    st.dirty.insert(e.job_id);
-    st.pcv.notify_one();
+    MutexLock lock(&self->pmu_);
+    self->pdirty_.insert(e.job_id);
+    self->pcv_.Signal();
   });
-  // The persister thread starts with the first job (StartBackups), not here:
-  // cbwfs forks to detach after opening the registry, and a thread started
-  // now would not exist in the daemon.
   return r;
 }
 
+JobRegistry::JobRegistry(std::vector<Drive*> drives, EventBus* bus, RegistryOptions options)
+    : drives_(std::move(drives)), bus_(bus), options_(std::move(options)) {}
+
+JobRegistry::~JobRegistry() { Shutdown(); }
+
+void JobRegistry::StartPersister() {
+  {
+    MutexLock lock(&store_mu_);
+    if (!store_) return;
+  }
+  if (persister_.joinable()) return;
+  persister_ = std::thread([this] { RunGuarded("record persister", [&] { PersistLoop(); }); });
+}
+
 void JobRegistry::PersistLoop() {
-  State& st = *state_;
-  std::unique_lock<std::mutex> lock(st.pmu);
+  MutexLock lock(&pmu_);
   for (;;) {
-    st.pcv.wait(lock, [&] { return st.pstop || !st.dirty.empty(); });
-    if (st.dirty.empty()) return;  // stopped and drained
+    if (pdirty_.empty() && !pstop_) {
+      pcv_.WaitFor(&lock, std::chrono::milliseconds(options_.progress_save_ms));
+    }
+    if (pdirty_.empty() && pstop_) return;  // stopped and drained
     std::set<std::string> ids;
-    ids.swap(st.dirty);
-    lock.unlock();
+    ids.swap(pdirty_);
+    lock.Unlock();
+    if (ids.empty()) {
+      // A progress tick: running jobs keep a recent offset on disk.
+      std::vector<std::string> running;
+      {
+        MutexLock l(&mu_);
+        for (const auto& j : jobs_) {
+          if (j->live()) running.push_back(j->id());
+        }
+      }
+      ids.insert(running.begin(), running.end());
+    }
     for (const auto& id : ids) Persist(id);
-    lock.lock();
+    lock.Relock();
   }
 }
 
 // Writes the current record of job `id`, if it is still one of ours. The
-// lookup and the write happen under the store mutex, so a record removed
-// meanwhile (rm jobs/<id>, pruning) is never written back.
+// lookup and the write happen under store_mu_, so a record removed meanwhile
+// (rm jobs/<id>, pruning) is never written back.
 void JobRegistry::Persist(const std::string& id) {
-  State& st = *state_;
-  std::lock_guard<std::mutex> slock(st.store_mu);
-  if (!st.store) return;
+  MutexLock slock(&store_mu_);
+  if (!store_) return;
   std::shared_ptr<BackupJob> job;
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    job = st.Find(id);
+    MutexLock lock(&mu_);
+    job = Find(id);
   }
   if (!job) return;
-  if (Status s = st.store->Save(job->Info()); !s.ok()) LogWarn("state dir: " + s.message());
+  if (Status s = store_->Save(job->Info()); !s.ok()) LogWarn("state dir: " + s.message());
 }
 
 // Deletes the persisted records of `ids`, which the caller has already
 // dropped from the registry (so Persist no longer finds them).
 void JobRegistry::DropRecords(const std::vector<std::string>& ids) {
-  State& st = *state_;
   if (ids.empty()) return;
-  std::lock_guard<std::mutex> slock(st.store_mu);
-  if (!st.store) return;
+  MutexLock slock(&store_mu_);
+  if (!store_) return;
   for (const auto& id : ids) {
-    if (Status s = st.store->Remove(id); !s.ok()) LogWarn("state dir: " + s.message());
+    if (Status s = store_->Remove(id); !s.ok()) LogWarn("state dir: " + s.message());
   }
 }
-
-JobRegistry::JobRegistry(std::vector<Drive*> drives, EventBus* bus, RegistryOptions options)
-    : drives_(std::move(drives)),
-      bus_(bus),
-      options_(std::move(options)),
-      state_(std::make_unique<State>()) {}
-
-JobRegistry::~JobRegistry() { Shutdown(); }
 
 Drive* JobRegistry::FindDrive(const std::string& name) const {
   for (Drive* d : drives_) {
@@ -191,82 +168,122 @@ Drive* JobRegistry::FindDrive(const std::string& name) const {
   return nullptr;
 }
 
-Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, CompletionMode mode) {
-  std::unique_lock<std::mutex> lock(mu_);
-  if (state_->shut_down) return Status::Error(ESHUTDOWN, "Shutting down");
-  if (jobs.empty()) return Status::Error(EINVAL, "No backup to start");
-  if (state_->store && !state_->persister.joinable()) {
-    state_->persister = std::thread(&JobRegistry::PersistLoop, this);
+std::shared_ptr<BackupJob> JobRegistry::Find(const std::string& id) const {
+  for (const auto& j : jobs_) {
+    if (j->id() == id) return j;
   }
+  return nullptr;
+}
+
+std::shared_ptr<BackupJob> JobRegistry::FindListed(const std::string& id) const {
+  auto j = Find(id);
+  return j && j->listed() ? j : nullptr;
+}
+
+std::shared_ptr<BackupJob> JobRegistry::ListedJob(const std::string& id) const {
+  MutexLock lock(&mu_);
+  return FindListed(id);
+}
+
+Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, CompletionMode mode) {
+  if (jobs.empty()) return Status::Error(EINVAL, "No backup to start");
 
   struct Prepared {
     BackupOptions options;
-    Drive* drive;
-    OpenedTarget target;
+    Drive* drive = nullptr;
+    std::shared_ptr<Target> target;
   };
   std::vector<Prepared> prepared;
-  // A refused command leaves nothing behind: files created here are removed.
-  auto refuse = [&](Status s) {
-    for (auto& p : prepared) DiscardTarget(p.target);
+  std::vector<std::string> ids;
+  bool ids_reserved = false;
+  std::vector<std::string> targets_reserved;
+  // A refused command leaves nothing behind: reservations are released and
+  // targets it created are removed.
+  auto refuse = [&](Status s) CBW_EXCLUDES(mu_) {
+    for (auto& p : prepared) {
+      if (p.target) p.target->Discard();
+    }
+    MutexLock lock(&mu_);
+    if (ids_reserved) {
+      for (const auto& id : ids) reserved_ids_.erase(id);
+    }
+    for (const auto& t : targets_reserved) reserved_targets_.erase(t);
     return s;
   };
-  std::set<std::string> ids;
-  for (const BackupOptions& in : jobs) {
-    BackupOptions o = in;
-    if (o.job_id.empty()) o.job_id = o.device;
-    Drive* drive = FindDrive(o.device);
-    if (drive == nullptr) {
-      return refuse(Status::Error(
-          ENODEV, "Cannot find device='" + o.device + "' nor node-name='" + o.device + "'"));
+
+  // 1. Under the lock, only lookups: drives, ids (reserved until the end).
+  {
+    MutexLock lock(&mu_);
+    if (shut_down_) return Status::Error(ESHUTDOWN, "Shutting down");
+    std::set<std::string> seen;
+    for (const BackupOptions& in : jobs) {
+      Prepared p;
+      p.options = in;
+      if (p.options.job_id.empty()) p.options.job_id = p.options.device;
+      p.drive = FindDrive(p.options.device);
+      if (p.drive == nullptr) {
+        return Status::Error(ENODEV, "Cannot find device='" + p.options.device +
+                                         "' nor node-name='" + p.options.device + "'");
+      }
+      const std::string& id = p.options.job_id;
+      if (!ValidJobId(id)) return Status::Error(EINVAL, "Invalid job ID '" + id + "'");
+      if (FindListed(id) || reserved_ids_.count(id) || !seen.insert(id).second) {
+        return Status::Error(EBUSY, "Job ID '" + id + "' already in use");
+      }
+      ids.push_back(id);
+      prepared.push_back(std::move(p));
     }
-    if (!ValidJobId(o.job_id)) {
-      return refuse(Status::Error(EINVAL, "Invalid job ID '" + o.job_id + "'"));
-    }
-    if (state_->FindListed(o.job_id) || !ids.insert(o.job_id).second) {
-      return refuse(Status::Error(EBUSY, "Job ID '" + o.job_id + "' already in use"));
-    }
+    reserved_ids_.insert(ids.begin(), ids.end());
+    ids_reserved = true;
+  }
+
+  // 2. Without any lock: open the targets (filesystem I/O on user paths).
+  for (auto& p : prepared) {
     TargetRequest req;
-    req.raw_path = o.target;
+    req.spec = p.options.target;
     req.base_dir = options_.base_dir;
     req.mountpoint = options_.mountpoint;
-    req.mode = o.mode;
-    req.format_given = o.format_given;
-    req.size = drive->size();
-    auto busy = [&](dev_t dev, ino_t ino) -> std::optional<std::string> {
-      for (const auto& j : state_->jobs) {
-        if (j->live() && j->target_dev() == dev && j->target_ino() == ino) return j->id();
-      }
-      for (const auto& p : prepared) {
-        if (p.target.dev == dev && p.target.ino == ino) return p.options.job_id;
-      }
-      return std::nullopt;
-    };
-    Result<OpenedTarget> t = OpenTarget(req, drives_, busy);
+    req.mount_dev = mount_dev_.load();
+    req.mode = p.options.mode;
+    req.format_given = p.options.format_given;
+    req.size = p.drive->size();
+    Result<std::shared_ptr<Target>> t = OpenTarget(req, drives_);
     if (!t.ok()) return refuse(t.status());
-    prepared.push_back({std::move(o), drive, std::move(*t)});
+    p.target = std::move(*t);
   }
-  // Everything is validated: only now is any existing target changed.
+
+  // 3. Under the lock: no target may be another live (or starting) job's.
+  {
+    MutexLock lock(&mu_);
+    for (auto& p : prepared) {
+      const std::string& key = p.target->identity();
+      std::optional<std::string> user;
+      for (const auto& j : jobs_) {
+        if (j->live() && j->target_identity() == key) user = j->id();
+      }
+      if (!user && reserved_targets_.count(key)) user = "(starting)";
+      for (const auto& q : prepared) {
+        if (&q != &p && q.target && q.target->identity() == key) user = q.options.job_id;
+      }
+      if (user) {
+        lock.Unlock();
+        return refuse(Status::Error(
+            EBUSY, "Target '" + p.options.target + "' is in use by job '" + *user + "'"));
+      }
+    }
+    for (auto& p : prepared) {
+      reserved_targets_.insert(p.target->identity());
+      targets_reserved.push_back(p.target->identity());
+    }
+  }
+
+  // 4. Everything is validated: only now is any existing target changed.
   for (auto& p : prepared) {
-    if (Status s = PrepareTarget(p.target, p.options.mode, p.drive->size()); !s.ok()) {
-      return refuse(s);
-    }
+    if (Status s = p.target->Prepare(); !s.ok()) return refuse(s);
   }
 
-  // Ended records whose ids are taken again are replaced.
-  std::vector<std::shared_ptr<BackupJob>> replaced;
-  std::vector<std::string> dropped;  // persisted records to delete
-  for (auto it = state_->archived.begin(); it != state_->archived.end();) {
-    it = ids.count(it->id) ? state_->archived.erase(it) : it + 1;
-  }
-  for (auto it = state_->jobs.begin(); it != state_->jobs.end();) {
-    if (ids.count((*it)->id())) {
-      replaced.push_back(*it);
-      it = state_->jobs.erase(it);
-    } else {
-      ++it;
-    }
-  }
-
+  // 5. The jobs, announced; then the point in time of every job of the
+  // transaction, with no registry lock held (it waits for writes in flight).
   auto txn = std::make_shared<Txn>(mode);
   std::vector<std::shared_ptr<BackupJob>> started;
   std::vector<std::pair<Drive*, std::shared_ptr<WriteHook>>> hooks;
@@ -274,48 +291,47 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
     JobParams params;
     params.options = p.options;
     params.drive = p.drive;
-    params.target = std::move(p.target);
+    params.target = p.target;
     params.bus = bus_;
     params.txn = txn;
     params.cluster_size = options_.cluster_size;
     params.cbw_timeout = std::chrono::milliseconds(options_.cbw_timeout_ms);
     auto job = std::make_shared<BackupJob>(std::move(params));
     txn->Add(job);
-    state_->jobs.push_back(job);
-    job->Announce();
     hooks.emplace_back(p.drive, job->hook());
     started.push_back(std::move(job));
   }
-  // The point in time of every job of the transaction.
+  for (auto& job : started) job->Announce();
   Drive::InstallHooks(hooks);
+
+  // 6. Listed; ended records with the same ids are replaced.
+  std::vector<std::shared_ptr<BackupJob>> replaced;
+  std::vector<std::string> dropped;
+  {
+    MutexLock lock(&mu_);
+    for (auto it = archived_.begin(); it != archived_.end();) {
+      bool taken = std::find(ids.begin(), ids.end(), it->id) != ids.end();
+      it = taken ? archived_.erase(it) : it + 1;
+    }
+    for (auto it = jobs_.begin(); it != jobs_.end();) {
+      if (std::find(ids.begin(), ids.end(), (*it)->id()) != ids.end()) {
+        replaced.push_back(*it);
+        it = jobs_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    for (auto& job : started) jobs_.push_back(job);
+    for (const auto& id : ids) reserved_ids_.erase(id);
+    for (const auto& t : targets_reserved) reserved_targets_.erase(t);
+    auto pruned = PruneLocked(&dropped);
+    replaced.insert(replaced.end(), pruned.begin(), pruned.end());
+  }
   for (auto& job : started) {
     job->Start();
     LogInfo("job '" + job->id() + "' started: drive '" + job->drive()->name() + "' -> '" +
-            job->target_path() + "'");
+            job->target_display() + "'");
   }
-
-  // Keep at most max_ended_jobs ended records (oldest go first: loaded ones,
-  // then this run's); records QMP still lists (auto-dismiss off, not yet
-  // dismissed) are kept.
-  size_t ended = state_->archived.size();
-  for (const auto& j : state_->jobs) ended += j->ended() && !j->listed();
-  while (ended > options_.max_ended_jobs && !state_->archived.empty()) {
-    dropped.push_back(state_->archived.front().id);
-    state_->archived.erase(state_->archived.begin());
-    --ended;
-  }
-  for (auto it = state_->jobs.begin();
-       ended > options_.max_ended_jobs && it != state_->jobs.end();) {
-    if ((*it)->ended() && !(*it)->listed()) {
-      dropped.push_back((*it)->id());
-      replaced.push_back(*it);
-      it = state_->jobs.erase(it);
-      --ended;
-    } else {
-      ++it;
-    }
-  }
-  lock.unlock();
   DropRecords(dropped);
   // A started job has its record on disk before drive-backup returns, so a
   // crash right after cannot lose it (later changes go via the persister).
@@ -324,52 +340,69 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
   return Status::Ok();
 }
 
-namespace {
-
-// The listed job `id`, looked up under the registry lock. Verbs then run
-// without that lock: they take the job's own. (A template so that it can
-// take the registry's private State without naming it.)
-template <class State>
-std::shared_ptr<BackupJob> ListedJob(std::mutex& mu, const State& state, const std::string& id) {
-  std::lock_guard<std::mutex> lock(mu);
-  return state.FindListed(id);
+std::vector<std::shared_ptr<BackupJob>> JobRegistry::PruneLocked(
+    std::vector<std::string>* dropped) {
+  // Keep at most max_ended_jobs ended records (oldest go first: loaded ones,
+  // then this run's); records QMP still lists (auto-dismiss off, not yet
+  // dismissed) are kept.
+  std::vector<std::shared_ptr<BackupJob>> gone;
+  size_t ended = archived_.size();
+  for (const auto& j : jobs_) ended += j->ended() && !j->listed();
+  while (ended > options_.max_ended_jobs && !archived_.empty()) {
+    dropped->push_back(archived_.front().id);
+    archived_.erase(archived_.begin());
+    --ended;
+  }
+  for (auto it = jobs_.begin(); ended > options_.max_ended_jobs && it != jobs_.end();) {
+    if ((*it)->ended() && !(*it)->listed()) {
+      dropped->push_back((*it)->id());
+      gone.push_back(*it);
+      it = jobs_.erase(it);
+      --ended;
+    } else {
+      ++it;
+    }
+  }
+  return gone;
 }
 
-}  // namespace
-
 Status JobRegistry::Cancel(const std::string& id, bool force) {
-  auto job = ListedJob(mu_, *state_, id);
+  auto job = ListedJob(id);
   return job ? job->Cancel(force) : JobNotFound();
 }
 Status JobRegistry::Pause(const std::string& id) {
-  auto job = ListedJob(mu_, *state_, id);
+  auto job = ListedJob(id);
   return job ? job->Pause() : JobNotFound();
 }
 Status JobRegistry::Resume(const std::string& id) {
-  auto job = ListedJob(mu_, *state_, id);
+  auto job = ListedJob(id);
   return job ? job->Resume() : JobNotFound();
 }
 Status JobRegistry::SetSpeed(const std::string& id, int64_t speed) {
-  auto job = ListedJob(mu_, *state_, id);
+  auto job = ListedJob(id);
   return job ? job->SetSpeed(speed) : JobNotFound();
 }
 Status JobRegistry::Complete(const std::string& id) {
-  auto job = ListedJob(mu_, *state_, id);
+  auto job = ListedJob(id);
   return job ? job->Complete() : JobNotFound();
 }
 Status JobRegistry::Finalize(const std::string& id) {
-  auto job = ListedJob(mu_, *state_, id);
+  auto job = ListedJob(id);
   return job ? job->Finalize() : JobNotFound();
 }
 Status JobRegistry::Dismiss(const std::string& id) {
-  auto job = ListedJob(mu_, *state_, id);
+  auto job = ListedJob(id);
   return job ? job->Dismiss() : JobNotFound();
 }
 
 std::vector<JobInfo> JobRegistry::ListJobs() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::shared_ptr<BackupJob>> jobs;
+  {
+    MutexLock lock(&mu_);
+    jobs = jobs_;
+  }
   std::vector<JobInfo> out;
-  for (const auto& j : state_->jobs) {
+  for (const auto& j : jobs) {
     JobInfo i = j->Info();
     if (i.listed) out.push_back(std::move(i));
   }
@@ -377,9 +410,14 @@ std::vector<JobInfo> JobRegistry::ListJobs() const {
 }
 
 std::vector<JobInfo> JobRegistry::JobFiles() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  std::vector<JobInfo> out = state_->archived;
-  for (const auto& j : state_->jobs) out.push_back(j->Info());
+  std::vector<JobInfo> out;
+  std::vector<std::shared_ptr<BackupJob>> jobs;
+  {
+    MutexLock lock(&mu_);
+    out = archived_;
+    jobs = jobs_;
+  }
+  for (const auto& j : jobs) out.push_back(j->Info());
   // Live jobs may have ended since the last start: show only the newest
   // max_ended_jobs unlisted ended records.
   size_t ended = 0;
@@ -405,20 +443,19 @@ std::optional<JobInfo> JobRegistry::GetJobFile(const std::string& id) const {
 Status JobRegistry::RemoveJobFile(const std::string& id) {
   std::shared_ptr<BackupJob> job;
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    job = state_->Find(id);
+    MutexLock lock(&mu_);
+    job = Find(id);
     if (!job) {
-      auto it = state_->FindArchived(id);
-      if (it == state_->archived.end()) return JobNotFound();
-      state_->archived.erase(it);
+      auto it = std::find_if(archived_.begin(), archived_.end(),
+                             [&](const JobInfo& i) { return i.id == id; });
+      if (it == archived_.end()) return JobNotFound();
+      archived_.erase(it);
     } else {
-      if (!job->ended()) {
-        return Status::Error(EBUSY, "Job '" + id + "' has not ended yet");
-      }
+      if (!job->ended()) return Status::Error(EBUSY, "Job '" + id + "' has not ended yet");
       if (job->listed()) {
         if (Status s = job->Dismiss(); !s.ok()) return s;
       }
-      state_->jobs.erase(std::find(state_->jobs.begin(), state_->jobs.end(), job));
+      jobs_.erase(std::find(jobs_.begin(), jobs_.end(), job));
     }
   }
   DropRecords({id});
@@ -427,17 +464,24 @@ Status JobRegistry::RemoveJobFile(const std::string& id) {
 }
 
 std::vector<std::string> JobRegistry::SnapshotIds() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::shared_ptr<BackupJob>> jobs;
+  {
+    MutexLock lock(&mu_);
+    jobs = jobs_;
+  }
   std::vector<std::string> out;
-  for (const auto& j : state_->jobs) {
+  for (const auto& j : jobs) {
     if (j->view_available()) out.push_back(j->id());
   }
   return out;
 }
 
 std::optional<uint64_t> JobRegistry::SnapshotSize(const std::string& id) const {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto j = state_->Find(id);
+  std::shared_ptr<BackupJob> j;
+  {
+    MutexLock lock(&mu_);
+    j = Find(id);
+  }
   if (!j || !j->view_available()) return std::nullopt;
   return j->size();
 }
@@ -446,8 +490,8 @@ Result<size_t> JobRegistry::ReadSnapshot(const std::string& id, void* buf, size_
                                          uint64_t off) const {
   std::shared_ptr<BackupJob> j;
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    j = state_->Find(id);
+    MutexLock lock(&mu_);
+    j = Find(id);
   }
   if (!j) return Status::Error(ENOENT, "No snapshot view '" + id + "'");
   return j->ReadSnapshot(buf, len, off);
@@ -456,8 +500,8 @@ Result<size_t> JobRegistry::ReadSnapshot(const std::string& id, void* buf, size_
 Result<uint64_t> JobRegistry::SeekSnapshot(const std::string& id, uint64_t off, int whence) const {
   std::shared_ptr<BackupJob> j;
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    j = state_->Find(id);
+    MutexLock lock(&mu_);
+    j = Find(id);
   }
   if (!j) return Status::Error(ENOENT, "No snapshot view '" + id + "'");
   return j->SeekSnapshot(off, whence);
@@ -466,9 +510,9 @@ Result<uint64_t> JobRegistry::SeekSnapshot(const std::string& id, uint64_t off, 
 void JobRegistry::Shutdown() {
   std::vector<std::shared_ptr<BackupJob>> jobs;
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    state_->shut_down = true;
-    jobs = state_->jobs;
+    MutexLock lock(&mu_);
+    shut_down_ = true;
+    jobs = jobs_;
   }
   for (auto& j : jobs) j->CancelInternal();
   // Bounded: a job concludes without its copier once that is stuck on a
@@ -483,20 +527,19 @@ void JobRegistry::Shutdown() {
       LogError("job '" + j->id() + "' did not stop in time; leaving it behind");
     }
   }
-  State& st = *state_;
-  if (st.store && st.token != 0) {
-    bus_->Unsubscribe(st.token);
-    st.token = 0;
+  if (token_ != 0) {
+    bus_->Unsubscribe(token_);
+    token_ = 0;
     // The final records (cancelled, ...) are on disk before we return.
     for (auto& j : jobs) Persist(j->id());
   }
-  if (st.persister.joinable()) {
+  if (persister_.joinable()) {
     {
-      std::lock_guard<std::mutex> lock(st.pmu);
-      st.pstop = true;
-      st.pcv.notify_one();
+      MutexLock lock(&pmu_);
+      pstop_ = true;
+      pcv_.Signal();
     }
-    st.persister.join();
+    persister_.join();
   }
 }
 

@@ -1,26 +1,31 @@
 #pragma once
 
+#include <sys/types.h>
+
+#include <atomic>
 #include <cstdint>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "backup/drive.h"
 #include "backup/event_bus.h"
 #include "backup/job_types.h"
+#include "backup/mutex.h"
 #include "backup/status.h"
 
 namespace cbw::backup {
 
 class BackupJob;
+class JobStore;
 
 struct RegistryOptions {
   uint64_t cluster_size = 64 * 1024;
   // The mountpoint (absolute, canonical): targets under it are refused by
-  // path, before any stat/open that would re-enter cbwfs.
+  // path and by device (SetMountDevice), before anything inside is looked up.
   std::string mountpoint;
   // Relative targets are resolved against this directory (the daemon's cwd
   // at start; the daemon itself later runs in "/").
@@ -36,6 +41,9 @@ struct RegistryOptions {
   uint32_t cbw_timeout_ms = 30'000;
   // How long Shutdown() waits for cancelled jobs to conclude.
   uint32_t shutdown_timeout_ms = 10'000;
+  // How often a running job's record is rewritten with its progress, so a
+  // killed daemon's record shows the last known offset.
+  uint32_t progress_save_ms = 5'000;
 };
 
 // The set of drives and jobs: starts backups, routes job verbs, keeps the
@@ -52,21 +60,26 @@ struct RegistryOptions {
 //   other   the errno of creating/opening the target, message
 //           "Could not open '<path>': <strerror>" / "Could not create ..."
 //
-// Thread safety: every method is thread-safe. Lock order: store mutex ->
-// registry mu_ -> job mutex -> EventBus -> subscriber locks (the persister's
-// queue lock is one). Drive write paths never take the registry lock.
+// Thread safety: every method is thread-safe. mu_ guards only the registry's
+// own lists and is never held across filesystem I/O or a wait for drive
+// writes: StartBackups reserves ids under it, opens and prepares targets
+// without it, and installs hooks (the point in time) without it, so a target
+// path that reaches into the mount, a hung target or a slow install cannot
+// stall lookups of jobs/ or verbs. Lock order: store_mu_ -> mu_ -> job locks
+// (backup/mutex.h). Drive write paths never take the registry's locks.
 //
 // Persistence (Open with a state dir): a bus subscriber queues the id of
-// every job whose status changes; a persister thread writes that job's
-// record (JobStore) under the store mutex, so status changes never wait for
-// an fsync and records are not rewritten on progress ticks. Records found at
-// Open are shown read-only (jobs/ files, never listed to QMP) until removed
-// or replaced; one that was not concluded when its daemon stopped comes back
-// concluded, result failed, error "daemon stopped".
+// every job whose status changes; the persister thread (StartPersister)
+// writes that job's record (JobStore) under store_mu_, so status changes
+// never wait for an fsync; it also rewrites running jobs' records every
+// progress_save_ms. Records found at Open are shown read-only (jobs/ files,
+// never listed to QMP) until removed or replaced; one that was not concluded
+// when its daemon stopped comes back concluded, result failed, error "daemon
+// stopped", with its last saved offset.
 //
 // Ownership: the registry owns its jobs; drives and the bus are borrowed and
 // must outlive it. The destructor calls Shutdown(). A job whose copier or
-// copy-before-write worker is stuck in target I/O keeps itself alive until
+// copy-before-write task is stuck in target I/O keeps itself alive until
 // that I/O returns (see BackupJob); it no longer uses the drive by then.
 class JobRegistry {
  public:
@@ -85,63 +98,97 @@ class JobRegistry {
   const std::vector<Drive*>& drives() const { return drives_; }
   Drive* FindDrive(const std::string& name) const;
 
+  // The st_dev of the cbwfs mount, once mounted: targets on it are refused.
+  void SetMountDevice(dev_t dev) { mount_dev_.store(dev); }
+  // Starts the record persister (with a state dir). Call once the process
+  // runs as it will (after daemonizing: a thread started before a fork does
+  // not exist in the child). Records of jobs started before are written too.
+  void StartPersister() CBW_EXCLUDES(mu_, pmu_);
+
   // Starts one job per element at one common point in time: all are validated
   // and their targets prepared first; if any fails, none starts, nothing is
   // left behind, and the first error is returned. On success the point in
   // time is fixed before this returns. With kGrouped, a failure or cancel of
   // one job cancels the others.
   Status StartBackups(const std::vector<BackupOptions>& jobs,
-                      CompletionMode mode = CompletionMode::kIndividual);
+                      CompletionMode mode = CompletionMode::kIndividual) CBW_EXCLUDES(mu_);
 
   // QMP verbs. `force` is accepted for block-job-cancel; backup cancels are
   // always hard, but a user-paused job without force is refused as QEMU does
   // ("The block job for device 'X' is currently paused").
-  Status Cancel(const std::string& id, bool force = true);
-  Status Pause(const std::string& id);
-  Status Resume(const std::string& id);
-  Status SetSpeed(const std::string& id, int64_t speed);
-  Status Complete(const std::string& id);  // always refused for backup
-  Status Finalize(const std::string& id);
-  Status Dismiss(const std::string& id);
+  Status Cancel(const std::string& id, bool force = true) CBW_EXCLUDES(mu_);
+  Status Pause(const std::string& id) CBW_EXCLUDES(mu_);
+  Status Resume(const std::string& id) CBW_EXCLUDES(mu_);
+  Status SetSpeed(const std::string& id, int64_t speed) CBW_EXCLUDES(mu_);
+  Status Complete(const std::string& id) CBW_EXCLUDES(mu_);  // always refused for backup
+  Status Finalize(const std::string& id) CBW_EXCLUDES(mu_);
+  Status Dismiss(const std::string& id) CBW_EXCLUDES(mu_);
 
   // Jobs QMP lists (not yet dismissed), in creation order.
-  std::vector<JobInfo> ListJobs() const;
+  std::vector<JobInfo> ListJobs() const CBW_EXCLUDES(mu_);
   // Every job with a jobs/ file (live and ended, at most max_ended_jobs
   // ended ones), in creation order; and one of them by id.
-  std::vector<JobInfo> JobFiles() const;
-  std::optional<JobInfo> GetJobFile(const std::string& id) const;
+  std::vector<JobInfo> JobFiles() const CBW_EXCLUDES(mu_);
+  std::optional<JobInfo> GetJobFile(const std::string& id) const CBW_EXCLUDES(mu_);
   // `rm jobs/<id>`: dismisses a concluded job and drops its file (and its
   // persisted record). ESRCH if unknown; EBUSY while the job is live (not
   // yet concluded).
-  Status RemoveJobFile(const std::string& id);
+  Status RemoveJobFile(const std::string& id) CBW_EXCLUDES(mu_);
 
   // Snapshot views (SPEC 5): the ids of live jobs, and reads/seeks of the
   // drive as it was at a job's point in time. ENOENT for an unknown/ended
   // view; EIO once its snapshot broke or its job ended under an open reader.
-  std::vector<std::string> SnapshotIds() const;
-  std::optional<uint64_t> SnapshotSize(const std::string& id) const;
-  Result<size_t> ReadSnapshot(const std::string& id, void* buf, size_t len, uint64_t off) const;
-  Result<uint64_t> SeekSnapshot(const std::string& id, uint64_t off, int whence) const;
+  std::vector<std::string> SnapshotIds() const CBW_EXCLUDES(mu_);
+  std::optional<uint64_t> SnapshotSize(const std::string& id) const CBW_EXCLUDES(mu_);
+  Result<size_t> ReadSnapshot(const std::string& id, void* buf, size_t len, uint64_t off) const
+      CBW_EXCLUDES(mu_);
+  Result<uint64_t> SeekSnapshot(const std::string& id, uint64_t off, int whence) const
+      CBW_EXCLUDES(mu_);
 
   // Cancels every live job and waits, at most options.shutdown_timeout_ms,
   // for all of them to conclude (events are emitted, records say so, and are
   // written to the state dir). A job stuck on a dead target concludes
   // without its copier (see BackupJob). Idempotent.
-  void Shutdown();
+  void Shutdown() CBW_EXCLUDES(mu_, pmu_);
 
  private:
-  void Persist(const std::string& id);
-  void PersistLoop();
-  void DropRecords(const std::vector<std::string>& ids);
+  std::shared_ptr<BackupJob> Find(const std::string& id) const CBW_REQUIRES(mu_);
+  std::shared_ptr<BackupJob> FindListed(const std::string& id) const CBW_REQUIRES(mu_);
+  std::shared_ptr<BackupJob> ListedJob(const std::string& id) const CBW_EXCLUDES(mu_);
+  void Persist(const std::string& id) CBW_EXCLUDES(mu_, store_mu_);
+  void PersistLoop() CBW_EXCLUDES(mu_, pmu_);
+  void DropRecords(const std::vector<std::string>& ids) CBW_EXCLUDES(store_mu_);
+  // Keeps at most max_ended_jobs ended records; returns the jobs dropped
+  // (to join outside the lock) and appends their ids to *dropped.
+  std::vector<std::shared_ptr<BackupJob>> PruneLocked(std::vector<std::string>* dropped)
+      CBW_REQUIRES(mu_);
 
-  std::vector<Drive*> drives_;
-  EventBus* bus_;
-  RegistryOptions options_;
-  mutable std::mutex mu_;
-  // Engine state (jobs, ended records, ...) lives behind this; its layout is
-  // the engine's business.
-  struct State;
-  std::unique_ptr<State> state_;
+  const std::vector<Drive*> drives_;
+  EventBus* const bus_;
+  const RegistryOptions options_;
+  std::atomic<dev_t> mount_dev_{0};
+
+  mutable Mutex mu_;
+  // Records in creation order: first those loaded from the state dir (all
+  // ended, oldest first), then this run's jobs. A job id names at most one
+  // record; a new job may take the id of a record that QMP no longer lists
+  // (it replaces it).
+  std::vector<JobInfo> archived_ CBW_GUARDED_BY(mu_);
+  std::vector<std::shared_ptr<BackupJob>> jobs_ CBW_GUARDED_BY(mu_);
+  // Ids and targets of jobs being started (between validation and install).
+  std::set<std::string> reserved_ids_ CBW_GUARDED_BY(mu_);
+  std::set<std::string> reserved_targets_ CBW_GUARDED_BY(mu_);
+  bool shut_down_ CBW_GUARDED_BY(mu_) = false;
+
+  // Persistence; unset without a state dir.
+  Mutex store_mu_;  // serialises every JobStore call
+  std::unique_ptr<JobStore> store_ CBW_PT_GUARDED_BY(store_mu_);
+  Mutex pmu_;  // the persister's queue; a leaf, taken by the bus subscriber
+  CondVar pcv_;
+  std::set<std::string> pdirty_ CBW_GUARDED_BY(pmu_);  // ids whose record must be rewritten
+  bool pstop_ CBW_GUARDED_BY(pmu_) = false;
+  uint64_t token_ = 0;
+  std::thread persister_;
 };
 
 }  // namespace cbw::backup

@@ -114,4 +114,55 @@ const char* ToString(CbwErrorPolicy v) {
   return "break-snapshot";
 }
 
+bool TransitionAllowed(JobStatus from, JobStatus to) {
+  using S = JobStatus;
+  switch (from) {
+    case S::kUndefined:
+      return to == S::kCreated;
+    case S::kCreated:
+      return to == S::kRunning || to == S::kAborting || to == S::kNull;
+    case S::kRunning:
+      return to == S::kPaused || to == S::kReady || to == S::kWaiting || to == S::kAborting;
+    case S::kPaused:
+      return to == S::kRunning;
+    case S::kReady:
+      return to == S::kStandby || to == S::kWaiting || to == S::kAborting;
+    case S::kStandby:
+      return to == S::kReady;
+    case S::kWaiting:
+      return to == S::kPending || to == S::kAborting;
+    case S::kPending:
+      return to == S::kAborting || to == S::kConcluded;
+    case S::kAborting:
+      return to == S::kAborting || to == S::kConcluded;
+    case S::kConcluded:
+      return to == S::kNull;
+    case S::kNull:
+      return false;
+  }
+  return false;
+}
+
+bool VerbAllowed(JobVerb verb, JobStatus s) {
+  using S = JobStatus;
+  switch (verb) {
+    case JobVerb::kCancel:
+      return s == S::kCreated || s == S::kRunning || s == S::kPaused || s == S::kReady ||
+             s == S::kStandby || s == S::kWaiting || s == S::kPending;
+    case JobVerb::kPause:
+    case JobVerb::kResume:
+    case JobVerb::kSetSpeed:
+    case JobVerb::kChange:
+      return s == S::kCreated || s == S::kRunning || s == S::kPaused || s == S::kReady ||
+             s == S::kStandby;
+    case JobVerb::kComplete:
+      return s == S::kReady || s == S::kStandby;
+    case JobVerb::kFinalize:
+      return s == S::kPending;
+    case JobVerb::kDismiss:
+      return s == S::kConcluded;
+  }
+  return false;
+}
+
 }  // namespace cbw::backup

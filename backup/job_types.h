@@ -44,6 +44,11 @@ const char* ToString(JobResult v);
 const char* ToString(ErrorPolicy v);
 const char* ToString(CbwErrorPolicy v);
 
+// QEMU's job state tables: JobSTT (may a job go from `from` to `to`?) and
+// JobVerbTable (does a job in state `s` accept `verb`?).
+bool TransitionAllowed(JobStatus from, JobStatus to);
+bool VerbAllowed(JobVerb verb, JobStatus s);
+
 // Arguments of one drive-backup, already validated for type and shape by
 // control/. The engine validates what needs the world (drive, target, ids).
 struct BackupOptions {

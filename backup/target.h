@@ -3,60 +3,121 @@
 #include <sys/types.h>
 
 #include <cstdint>
-#include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
-#include "backup/drive.h"
 #include "backup/job_types.h"
 #include "backup/status.h"
-#include "backup/unique_fd.h"
 
 namespace cbw::backup {
 
-// A validated, opened backup target. Owns the fd. If `created` is set, the
-// file did not exist before and Discard() removes it again.
-struct OpenedTarget {
-  std::string path;     // resolved, absolute (symlinks followed)
-  std::string display;  // as the user gave it, for messages and JobInfo
-  UniqueFd fd;
-  dev_t dev = 0;
-  ino_t ino = 0;
-  bool is_block = false;
-  bool created = false;
-  // True when the target reads as all zeros before the job writes anything
-  // (a regular file we truncate): zero ranges then need no punching.
-  bool fresh = false;
+class Drive;
+
+// One finished asynchronous target request: its tag and 0 or an errno.
+struct TargetCompletion {
+  uint64_t tag = 0;
+  int error = 0;
 };
 
+// A queue of asynchronous requests on one target, for one thread (the
+// background copier). Requests complete whole or with an errno: short
+// transfers are finished inside. Buffers must stay valid until their
+// completion is reaped. Not thread-safe.
+class TargetQueue {
+ public:
+  virtual ~TargetQueue() = default;
+  // Readable (POLLIN) when Reap may have completions; the copier waits on it
+  // together with its source reads.
+  virtual int poll_fd() const = 0;
+  // At most the depth given to Target::OpenQueue may be in flight.
+  virtual void SubmitWrite(const char* buf, size_t len, uint64_t off, uint64_t tag) = 0;
+  virtual void SubmitZeroes(uint64_t off, uint64_t len, uint64_t tag) = 0;
+  // Moves the completions that are ready into `out`; never blocks.
+  virtual void Reap(std::vector<TargetCompletion>* out) = 0;
+  virtual unsigned in_flight() const = 0;
+  // A hint that much has been written: start writing it back (files), so
+  // the final flush has little left to do.
+  virtual void StartWriteback() {}
+};
+
+// Where a backup job writes the point-in-time image: a local file or block
+// device, an NBD export, a Ceph RBD image, or a qcow2 image (SPEC 6). The
+// copier and the copy-before-write path see only this interface.
+//
+// Thread safety: the synchronous methods may be called from any thread at
+// once (CBW workers, snapshot readers); a queue belongs to one thread.
+// Ownership: shared. Every user (the job, its copier, a CBW copy, a view
+// read) holds a shared_ptr, so a user stuck in I/O on a dead target keeps
+// the target alive and the last one to let go closes it.
+class Target {
+ public:
+  virtual ~Target() = default;
+  Target(const Target&) = delete;
+  Target& operator=(const Target&) = delete;
+
+  // As the user named it (made absolute for relative paths): JobInfo.target.
+  const std::string& display() const { return display_; }
+  // What makes two targets the same one (another live job's target is
+  // refused), e.g. "file:<dev>:<ino>".
+  const std::string& identity() const { return identity_; }
+  // Bytes the target can hold (at least the drive's size).
+  uint64_t size() const { return size_; }
+  // True when ranges never written read as zeros (a freshly created target
+  // without backing): zero ranges may then be skipped. Otherwise they are
+  // written as zeros (never skipped, never trimmed).
+  bool zeroed() const { return zeroed_; }
+
+  // Called once every target of a transaction is open and valid: the only
+  // step that changes an existing target (e.g. truncating a raw file).
+  virtual Status Prepare() { return Status::Ok(); }
+  // Undoes OpenTarget for a refused transaction: removes what it created.
+  virtual void Discard() {}
+
+  virtual Status Write(const char* buf, size_t len, uint64_t off) = 0;
+  virtual Status WriteZeroes(uint64_t off, uint64_t len) = 0;
+  // Reads `len` bytes (zeros past what the medium holds).
+  virtual Status Read(char* buf, size_t len, uint64_t off) = 0;
+  // lseek(SEEK_DATA/SEEK_HOLE) semantics; media that cannot tell report all
+  // data (SEEK_DATA returns off, SEEK_HOLE the end).
+  virtual Result<uint64_t> Seek(uint64_t off, int whence) {
+    return whence == SEEK_DATA ? off : size_;
+  }
+  // Makes everything written so far durable.
+  virtual Status Flush() = 0;
+  virtual Result<std::unique_ptr<TargetQueue>> OpenQueue(unsigned depth) = 0;
+  // Ends the target when its job concludes (e.g. stops a qemu-nbd child
+  // cleanly). Users still holding it get errors from then on. Idempotent.
+  virtual Status Close() { return Status::Ok(); }
+
+ protected:
+  Target() = default;
+  std::string display_;
+  std::string identity_;
+  uint64_t size_ = 0;
+  bool zeroed_ = false;
+};
+
+// What drive-backup asked for, and what the daemon knows about its mount.
 struct TargetRequest {
-  std::string raw_path;    // as given
-  std::string base_dir;    // for relative paths
-  std::string mountpoint;  // refused by path, before any stat/open
+  std::string spec;        // as given: a path (nbd://, rbd: later)
+  std::string base_dir;    // relative paths are relative to this
+  std::string mountpoint;  // absolute, canonical: refused by path
+  dev_t mount_dev = 0;     // the mount's st_dev: refused by device (0: unknown)
   TargetMode mode = TargetMode::kAbsolutePaths;
-  bool format_given = false;
-  uint64_t size = 0;  // the drive's size
+  bool format_given = false;  // `format` given: no probing
+  uint64_t size = 0;          // the drive's size
 };
-
-// Returns the name of the live job using (dev, ino) as its target, if any.
-using TargetBusyFn = std::function<std::optional<std::string>(dev_t, ino_t)>;
 
 // Validates and opens a target without changing anything on disk except
-// creating a missing file (mode absolute-paths). Checks, in this order: the
-// path (resolved symlink by symlink, parents with realpath) is not under the
-// mountpoint; the file type; not a drive's source (dev/ino); not busy; size;
-// for mode=existing without a format, no foreign image magic.
-Result<OpenedTarget> OpenTarget(const TargetRequest& req, const std::vector<Drive*>& drives,
-                                const TargetBusyFn& busy);
-
-// Makes a regular-file target of mode absolute-paths all-hole and exactly
-// `size` bytes (truncate to 0, then to size). Other targets are left alone.
-Status PrepareTarget(OpenedTarget& target, TargetMode mode, uint64_t size);
-
-// Undoes OpenTarget for a refused transaction: closes the fd and unlinks the
-// file if OpenTarget created it.
-void DiscardTarget(OpenedTarget& target);
+// creating a missing file (mode absolute-paths). Refuses, before anything
+// under the mountpoint is looked up, a target inside the mount; refuses a
+// drive's source, a wrong file type, a target smaller than the drive, and
+// (mode existing, no format) a foreign image format. Does I/O on a
+// user-given path: never call it with an engine lock held.
+Result<std::shared_ptr<Target>> OpenTarget(const TargetRequest& req,
+                                           const std::vector<Drive*>& drives);
 
 // The name of a foreign image format recognised in `head` (the first bytes
 // of a file), or nullopt for none.

@@ -602,9 +602,17 @@ void CbwFs::Write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, 
                   fuse_file_info* fi) {
   Node n = Resolve(ino);
   if (n.kind == Kind::kDrive) {
-    auto r = registry_->drives()[n.drive]->Write(buf, size, static_cast<uint64_t>(off));
-    if (!r.ok()) return (void)fuse_reply_err(req, r.status().code());
-    fuse_reply_write(req, *r);
+    // Answered here, or later from a drive writer thread when a hook must
+    // wait (a copy-before-write): no FUSE worker waits on a target.
+    registry_->drives()[n.drive]->Submit(
+        {backup::Drive::OpKind::kWrite, buf, size, static_cast<uint64_t>(off)},
+        [req](backup::Result<size_t> r) {
+          if (!r.ok()) {
+            fuse_reply_err(req, r.status().code());
+          } else {
+            fuse_reply_write(req, *r);
+          }
+        });
     return;
   }
   if (n.kind != Kind::kControl) return (void)fuse_reply_err(req, EBADF);
@@ -745,19 +753,21 @@ void CbwFs::Fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t
   if (d->readonly()) return (void)fuse_reply_err(req, EROFS);
   if (off < 0 || len <= 0) return (void)fuse_reply_err(req, EINVAL);
   uint64_t uoff = static_cast<uint64_t>(off), ulen = static_cast<uint64_t>(len);
-  backup::Status s;
+  backup::Drive::OpKind kind;
   if (mode == (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)) {
-    s = d->PunchHole(uoff, ulen);
+    kind = backup::Drive::OpKind::kPunch;
   } else if ((mode & ~FALLOC_FL_KEEP_SIZE) == FALLOC_FL_ZERO_RANGE) {
     // Without KEEP_SIZE a zeroing may not reach past the end of the device.
     if (!(mode & FALLOC_FL_KEEP_SIZE) && uoff + ulen > d->size()) {
       return (void)fuse_reply_err(req, ENOSPC);
     }
-    s = d->ZeroRange(uoff, ulen);
+    kind = backup::Drive::OpKind::kZero;
   } else {
     return (void)fuse_reply_err(req, EOPNOTSUPP);
   }
-  fuse_reply_err(req, s.ok() ? 0 : s.code());
+  d->Submit({kind, nullptr, static_cast<size_t>(ulen), uoff}, [req](backup::Result<size_t> r) {
+    fuse_reply_err(req, r.ok() ? 0 : r.status().code());
+  });
 }
 
 void CbwFs::Lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, fuse_file_info* fi) {

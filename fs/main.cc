@@ -111,12 +111,23 @@ int Run(int argc, char** argv) {
   cbw::fs::Session session(&fs, opts.mount_options);
   cbw::backup::Status s = session.Mount(real);
   if (!s.ok()) return Fail(s.message());
+  // Targets on the mount are refused by its device number, which mountinfo
+  // tells without asking the (not yet serving) filesystem.
+  if (auto dev = cbw::fs::MountDevice(real)) {
+    registry.SetMountDevice(*dev);
+  } else {
+    cbw::backup::LogWarn(std::string("could not find the mount of '") + real +
+                         "' in /proc/self/mountinfo; targets are refused by path only");
+  }
 
   if (!opts.foreground) {
     s = session.Daemonize();
     if (!s.ok()) return Fail(s.message());
     // Only the detached child gets here; the parent exited in Daemonize.
   }
+  // Threads start only now: one started before the fork would not exist in
+  // the detached daemon.
+  registry.StartPersister();
   LogInfo(std::string("mounted on ") + real);
   s = session.Loop([&] {
     // A signal: cancel the jobs while the mount still serves, so events

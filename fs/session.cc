@@ -3,11 +3,15 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <thread>
 
 #include "backup/log.h"
@@ -15,6 +19,33 @@
 namespace cbw::fs {
 
 using backup::Status;
+
+std::optional<dev_t> MountDevice(const std::string& mountpoint) {
+  // Each line: id parent major:minor root mountpoint options ... - fstype ...
+  // Mount points escape space, tab, newline and backslash as \ooo.
+  std::ifstream in("/proc/self/mountinfo");
+  std::string line;
+  std::optional<dev_t> found;
+  while (std::getline(in, line)) {
+    std::istringstream f(line);
+    std::string id, parent, majmin, root, mp;
+    if (!(f >> id >> parent >> majmin >> root >> mp)) continue;
+    std::string unescaped;
+    for (size_t i = 0; i < mp.size(); ++i) {
+      if (mp[i] == '\\' && i + 3 < mp.size()) {
+        unescaped += static_cast<char>(std::stoi(mp.substr(i + 1, 3), nullptr, 8));
+        i += 3;
+      } else {
+        unescaped += mp[i];
+      }
+    }
+    if (unescaped != mountpoint) continue;
+    unsigned maj = 0, min = 0;
+    if (std::sscanf(majmin.c_str(), "%u:%u", &maj, &min) != 2) continue;
+    found = makedev(maj, min);  // the last (newest) mount on it wins
+  }
+  return found;
+}
 
 Session::Session(CbwFs* fs, std::vector<std::string> mount_options)
     : fs_(fs), mount_options_(std::move(mount_options)) {}

@@ -5,6 +5,7 @@
 #include <pthread.h>
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,11 @@
 #include "fs/cbw_fs.h"
 
 namespace cbw::fs {
+
+// The st_dev of the FUSE mount at `mountpoint` (absolute, canonical), read
+// from /proc/self/mountinfo (the newest mount there), without any call into
+// the mounted filesystem. nullopt if not found.
+std::optional<dev_t> MountDevice(const std::string& mountpoint);
 
 // Owns one FUSE session: creation, mount, signal handlers, detaching, the
 // multithreaded loop and unmount. Destruction unmounts (if still mounted) and
