@@ -799,8 +799,11 @@ bool BackupJob::HandleIoErrorLocked(MutexLock* lock, int err, bool is_read) {
     return false;
   }
   if (std::strcmp(action, "ignore") == 0) {
-    // Retry at once, but do not spin on a persistent error.
-    WaitUntilLocked(lock, std::chrono::steady_clock::now() + std::chrono::milliseconds(10));
+    // Retry at once, but do not spin on a persistent error (and let a
+    // writer waiting for the failed clusters take them first).
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(10);
+    while (!cancel_requested_ && WaitUntilLocked(lock, until)) {
+    }
     return !cancel_requested_;
   }
   io_status_ = err == ENOSPC ? IoStatus::kNoSpace : IoStatus::kFailed;

@@ -67,6 +67,16 @@ class FaultTest : public ::testing::Test {
     }
   }
 
+  // faultfs's .status: how many requests a slow/hang rule holds right now.
+  int Waiting() {
+    std::string st = ReadAll(mnt_ + "/.status");
+    return st.rfind("waiting ", 0) == 0 ? std::atoi(st.c_str() + 8) : -1;
+  }
+  // Waits until a slow/hang rule holds at least n requests.
+  bool WaitHeld(int n = 1) {
+    return WaitFor([&] { return Waiting() >= n; }, 10);
+  }
+
   void SetFaults(const std::string& rules) {
     int fd = open((mnt_ + "/.faults").c_str(), O_WRONLY);
     ASSERT_GE(fd, 0);
@@ -291,7 +301,7 @@ TEST_F(FaultTest, CancelIsPromptWithSlowTarget) {
   MakeDrive(RandomBytes(16 * kMiB, 9), false);
   SetFaults("tgt.img write slow=200");
   ASSERT_TRUE(registry_->StartBackups({Opts()}).ok());
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  ASSERT_TRUE(WaitHeld());
   auto t0 = std::chrono::steady_clock::now();
   ASSERT_TRUE(registry_->Cancel("drive0").ok());
   ASSERT_TRUE(WaitFor([&] { return Ended(); }));
@@ -346,7 +356,7 @@ TEST_F(FaultTest, WriteWaitsForInFlightCopyOfItsCluster) {
   MakeDrive(RandomBytes(2 * kMiB, 13), false);
   SetFaults("tgt.img write slow=400 0 1048576 1");
   ASSERT_TRUE(registry_->StartBackups({Opts()}).ok());
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the copy is in flight
+  ASSERT_TRUE(WaitHeld());  // the copy is in flight
   std::string w(100, 'w');
   auto t0 = std::chrono::steady_clock::now();
   ASSERT_TRUE(drive_->Write(w.data(), w.size(), 5000).ok());
@@ -367,7 +377,7 @@ TEST_F(FaultTest, FailedCopyIsRedoneByTheWaitingWriter) {
   auto o = Opts();
   o.on_target_error = ErrorPolicy::kIgnore;
   ASSERT_TRUE(registry_->StartBackups({o}).ok());
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ASSERT_TRUE(WaitHeld());  // the copier's copy of the cluster is in flight
   std::string w(100, 'w');
   ASSERT_TRUE(drive_->Write(w.data(), w.size(), 5000).ok());
   ASSERT_TRUE(WaitFor([&] { return Ended(); }));
@@ -388,7 +398,7 @@ TEST_F(FaultTest, WriteWaitsForFrozenSnapshotRead) {
     auto r = registry_->ReadSnapshot("drive0", view.data(), view.size(), 0);
     EXPECT_TRUE(r.ok());
   });
-  std::this_thread::sleep_for(std::chrono::milliseconds(150));
+  ASSERT_TRUE(WaitHeld());  // the view's read of the source is in flight
   std::string w(65536, 'w');
   auto t0 = std::chrono::steady_clock::now();
   ASSERT_TRUE(drive_->Write(w.data(), w.size(), 0).ok());
@@ -501,9 +511,7 @@ TEST_F(FaultTest, CancelConcludesWithinSecondsWhileTheTargetHangs) {
   ASSERT_TRUE(registry_->StartBackups({Opts()}).ok());
   // Stalled in the hung range.
   ASSERT_TRUE(WaitFor([&] { return Info()->offset >= 4 * kMiB; }, 10));
-  uint64_t at = Info()->offset;
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  ASSERT_EQ(Info()->offset, at) << "the target does not hang";
+  ASSERT_TRUE(WaitHeld()) << "the target does not hang";
   auto t0 = std::chrono::steady_clock::now();
   ASSERT_TRUE(registry_->Cancel("drive0").ok());
   EXPECT_LT(SecondsSince(t0), 0.5);

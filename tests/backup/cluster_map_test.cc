@@ -81,5 +81,51 @@ TEST(ClusterMap, MatchesAModel) {
   EXPECT_EQ(m.dirty_count(), dirty);
 }
 
+// Runs of done / not-done clusters, against a model, with limits: what views
+// and their seeks walk instead of single clusters.
+TEST(ClusterMap, RunEndMatchesAModelAndHonoursLimits) {
+  const uint64_t n = 1000;
+  ClusterMap m(n);
+  std::mt19937_64 rng(7);
+  std::vector<std::pair<uint64_t, uint64_t>> open;
+  for (int i = 0; i < 200; ++i) {
+    uint64_t a = rng() % n, b = std::min(n, a + 1 + rng() % 20);
+    for (auto r : m.Claim(a, b)) {
+      if (rng() % 3 == 0) {
+        open.push_back(r);  // stays copying: not done
+      } else {
+        m.Finish(r.first, r.second, rng() % 5 != 0);
+      }
+    }
+  }
+  auto done = [&](uint64_t c) { return m.Get(c) == State::kDone; };
+  for (uint64_t from = 0; from < n; ++from) {
+    EXPECT_EQ(m.IsDone(from), done(from)) << from;
+    uint64_t e = from;
+    while (e < n && done(e) == done(from)) ++e;
+    ASSERT_EQ(m.RunEnd(from), e) << "from " << from;
+    uint64_t limit = from + 1 + from % 7;
+    ASSERT_EQ(m.RunEnd(from, limit), std::min(e, limit)) << "from " << from;
+  }
+  EXPECT_EQ(m.RunEnd(n), n);
+  EXPECT_EQ(m.NextDirty(0, 0), 0u);
+  EXPECT_EQ(m.NextClean(5, 3), 3u);
+}
+
+// A huge map (8 TiB at 64 KiB clusters) answers from word scans: the whole
+// map in one RunEnd, and alternating clusters one step each.
+TEST(ClusterMap, RunEndOnHugeMapsIsAWordScan) {
+  const uint64_t n = (uint64_t{8} << 40) / (64 << 10);
+  ClusterMap m(n);
+  EXPECT_EQ(m.RunEnd(0), n);
+  for (uint64_t c = 0; c < 4096; c += 2) {
+    m.Claim(c, c + 1);
+    m.Finish(c, c + 1, true);
+  }
+  EXPECT_EQ(m.RunEnd(0), 1u);
+  EXPECT_EQ(m.RunEnd(1), 2u);
+  EXPECT_EQ(m.RunEnd(4095), n);
+}
+
 }  // namespace
 }  // namespace cbw::backup

@@ -21,6 +21,10 @@
 //   LO HI  byte range the request must overlap (default: everything)
 //   COUNT  how many times the rule fires (default: always)
 //
+// MOUNTPOINT/.status (read-only) tells tests what happened, so they wait on
+// it rather than sleep and assume: `waiting N` (requests held right now by a
+// slow or hang rule), then `fired I N` for each rule I (0-based) that fired.
+//
 // Test tool only: no attention to permissions or to anything but regular
 // files in one flat directory.
 
@@ -49,6 +53,7 @@
 namespace {
 
 constexpr const char* kControl = "/.faults";
+constexpr const char* kStatus = "/.status";
 
 struct Rule {
   std::string name;
@@ -57,6 +62,7 @@ struct Rule {
   int delay_ms = 0;
   uint64_t lo = 0, hi = UINT64_MAX;
   long count = -1;
+  uint64_t fired = 0;
 };
 
 std::string g_backing;
@@ -64,6 +70,30 @@ std::mutex g_mu;
 std::vector<Rule> g_rules;
 std::string g_rules_text;
 uint64_t g_generation = 0;  // bumped by every write of the rules
+uint64_t g_waiting = 0;     // requests held by slow/hang rules right now
+
+std::string StatusText() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  std::string out = "waiting " + std::to_string(g_waiting) + "\n";
+  for (size_t i = 0; i < g_rules.size(); ++i) {
+    if (g_rules[i].fired) {
+      out += "fired " + std::to_string(i) + " " + std::to_string(g_rules[i].fired) + "\n";
+    }
+  }
+  return out;
+}
+
+// Counts a request as held by a slow or hang rule for its scope.
+struct Waiting {
+  Waiting() {
+    std::lock_guard<std::mutex> lock(g_mu);
+    ++g_waiting;
+  }
+  ~Waiting() {
+    std::lock_guard<std::mutex> lock(g_mu);
+    --g_waiting;
+  }
+};
 
 std::string Backing(const char* path) { return g_backing + path; }
 
@@ -121,6 +151,7 @@ int Fault(const char* path, const char* op, uint64_t off, uint64_t len) {
       if (r.name != name || (r.op != "any" && r.op != op) || r.count == 0) continue;
       if (!(off < r.hi && r.lo < off + std::max<uint64_t>(len, 1))) continue;
       if (r.count > 0) --r.count;
+      ++r.fired;
       if (r.kind == "slow") {
         delay = std::max(delay, r.delay_ms);
       } else if (r.kind == "hang") {
@@ -141,8 +172,14 @@ int Fault(const char* path, const char* op, uint64_t off, uint64_t len) {
       if (result != 0) break;
     }
   }
-  if (hang) return Hang(generation);
-  if (delay > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay));
+  if (hang) {
+    Waiting w;
+    return Hang(generation);
+  }
+  if (delay > 0) {
+    Waiting w;
+    std::this_thread::sleep_for(std::chrono::milliseconds(delay));
+  }
   return result;
 }
 
@@ -156,6 +193,13 @@ void* Init(fuse_conn_info*, fuse_config* cfg) {
 }
 
 int GetAttr(const char* path, struct stat* st, fuse_file_info* fi) {
+  if (std::strcmp(path, kStatus) == 0) {
+    std::memset(st, 0, sizeof(*st));
+    st->st_mode = S_IFREG | 0444;
+    st->st_nlink = 1;
+    st->st_size = 4096;  // read with direct_io: the real length comes from read
+    return 0;
+  }
   if (std::strcmp(path, kControl) == 0) {
     std::memset(st, 0, sizeof(*st));
     st->st_mode = S_IFREG | 0600;
@@ -184,6 +228,10 @@ int Open(const char* path, fuse_file_info* fi) {
     fi->fh = UINT64_MAX;
     return 0;
   }
+  if (std::strcmp(path, kStatus) == 0) {
+    fi->fh = UINT64_MAX - 1;
+    return 0;
+  }
   int fd = open(Backing(path).c_str(), fi->flags & ~O_DIRECT);
   if (fd < 0) return -errno;
   fi->fh = static_cast<uint64_t>(fd);
@@ -199,6 +247,13 @@ int Create(const char* path, mode_t mode, fuse_file_info* fi) {
 }
 
 int Read(const char* path, char* buf, size_t size, off_t off, fuse_file_info* fi) {
+  if (fi->fh == UINT64_MAX - 1) {
+    std::string text = StatusText();
+    if (static_cast<size_t>(off) >= text.size()) return 0;
+    size_t n = std::min(size, text.size() - static_cast<size_t>(off));
+    std::memcpy(buf, text.data() + off, n);
+    return static_cast<int>(n);
+  }
   if (fi->fh == UINT64_MAX) {
     std::lock_guard<std::mutex> lock(g_mu);
     if (static_cast<size_t>(off) >= g_rules_text.size()) return 0;
@@ -214,6 +269,7 @@ int Read(const char* path, char* buf, size_t size, off_t off, fuse_file_info* fi
 }
 
 int Write(const char* path, const char* buf, size_t size, off_t off, fuse_file_info* fi) {
+  if (fi->fh == UINT64_MAX - 1) return -EACCES;
   if (fi->fh == UINT64_MAX) {
     SetRules(std::string(buf, size));
     return static_cast<int>(size);
@@ -226,12 +282,12 @@ int Write(const char* path, const char* buf, size_t size, off_t off, fuse_file_i
 }
 
 int Release(const char*, fuse_file_info* fi) {
-  if (fi->fh != UINT64_MAX) close(static_cast<int>(fi->fh));
+  if (fi->fh < UINT64_MAX - 1) close(static_cast<int>(fi->fh));
   return 0;
 }
 
 int Fsync(const char* path, int datasync, fuse_file_info* fi) {
-  if (fi->fh == UINT64_MAX) return 0;
+  if (fi->fh >= UINT64_MAX - 1) return 0;
   int f = Fault(path, "fsync", 0, UINT64_MAX / 2);
   if (f < 0) return f;
   int fd = static_cast<int>(fi->fh);
