@@ -13,6 +13,7 @@
 #include <cstring>
 #include <map>
 
+#include "backup/ids.h"
 #include "backup/log.h"
 
 namespace cbw::backup {
@@ -27,17 +28,6 @@ constexpr size_t kMaxRecordBytes = 64 * 1024;
 bool EndsWith(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() &&
          s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-// QMP id rules, as for job ids: the file name must be one.
-bool ValidId(const std::string& id) {
-  if (id.empty() || id.size() > 64 || !std::isalpha(static_cast<unsigned char>(id[0]))) {
-    return false;
-  }
-  return std::all_of(id.begin(), id.end(), [](char ch) {
-    auto c = static_cast<unsigned char>(ch);
-    return std::isalnum(c) || c == '-' || c == '.' || c == '_';
-  });
 }
 
 std::string Escape(const std::string& v) {
@@ -303,7 +293,7 @@ Result<JobInfo> JobStore::Parse(const std::string& text) {
   ok &= ParseEnum(*get("result"), JobResult::kCancelled, &i.result);
   if (auto v = get("listed")) ok &= ParseBool(*v, &i.listed);
   if (!ok) return Bad("a value does not parse");
-  if (!ValidId(i.id)) return Bad("invalid job id '" + Escape(i.id) + "'");
+  if (!IsValidId(i.id)) return Bad("invalid job id '" + Escape(i.id) + "'");
   return i;
 }
 
@@ -313,7 +303,7 @@ Status JobStore::SyncDir() {
 }
 
 Status JobStore::Save(const JobInfo& info) {
-  if (!ValidId(info.id)) return Status::Error(EINVAL, "invalid job id '" + info.id + "'");
+  if (!IsValidId(info.id)) return Status::Error(EINVAL, "invalid job id '" + info.id + "'");
   const std::string tmp = "." + info.id + kTmpSuffix;
   const std::string name = info.id + kSuffix;
   auto fail = [&](int err, const std::string& what) {
@@ -333,7 +323,7 @@ Status JobStore::Save(const JobInfo& info) {
 }
 
 Status JobStore::Remove(const std::string& id) {
-  if (!ValidId(id)) return Status::Ok();
+  if (!IsValidId(id)) return Status::Ok();
   const std::string name = id + kSuffix;
   if (unlinkat(dir_fd_.get(), name.c_str(), 0) != 0) {
     if (errno == ENOENT) return Status::Ok();
