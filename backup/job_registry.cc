@@ -78,7 +78,7 @@ Result<std::unique_ptr<JobRegistry>> JobRegistry::Open(std::vector<Drive*> drive
                                                        RegistryOptions options) {
   std::unique_ptr<JobStore> store;
   if (!options.state_dir.empty()) {
-    auto s = JobStore::Open(options.state_dir);
+    auto s = JobStore::Open(options.state_dir, options.record_codec);
     if (!s.ok()) return s.status();
     store = std::move(*s);
   }
@@ -101,7 +101,7 @@ Result<std::unique_ptr<JobRegistry>> JobRegistry::Open(std::vector<Drive*> drive
     i.eta_seconds.reset();
     i.bytes_per_second = 0;
     if (!i.finished) {
-      double t = FileTime(store->dir() + "/" + i.id + ".job");
+      double t = FileTime(store->PathOf(i.id));
       i.finished = std::max(t, i.started);
     }
     if (Status s = store->Save(i); !s.ok()) LogWarn("state dir: " + s.message());
