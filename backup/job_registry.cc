@@ -6,6 +6,7 @@
 #include <chrono>
 
 #include "backup/backup_job.h"
+#include "backup/ids.h"
 #include "backup/job_store.h"
 #include "backup/log.h"
 #include "backup/target.h"
@@ -13,14 +14,6 @@
 
 namespace cbw::backup {
 namespace {
-
-bool ValidJobId(const std::string& id) {
-  auto letter = [](char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); };
-  if (id.empty() || id.size() > 64 || !letter(id[0])) return false;
-  return std::all_of(id.begin(), id.end(), [&](char c) {
-    return letter(c) || (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_';
-  });
-}
 
 Status JobNotFound() { return Status::Error(ESRCH, "Job not found"); }
 
@@ -36,7 +29,7 @@ Result<std::unique_ptr<JobRegistry>> JobRegistry::Open(std::vector<Drive*> drive
                                                        RegistryOptions options) {
   std::unique_ptr<JobStore> store;
   if (!options.state_dir.empty()) {
-    auto s = JobStore::Open(options.state_dir);
+    auto s = JobStore::Open(options.state_dir, options.record_codec);
     if (!s.ok()) return s.status();
     store = std::move(*s);
   }
@@ -58,7 +51,7 @@ Result<std::unique_ptr<JobRegistry>> JobRegistry::Open(std::vector<Drive*> drive
     i.eta_seconds.reset();
     i.bytes_per_second = 0;
     if (!i.finished) {
-      double t = FileTime(store->dir() + "/" + i.id + ".job");
+      double t = FileTime(store->PathOf(i.id));
       i.finished = std::max(t, i.started);
     }
     if (Status s = store->Save(i); !s.ok()) LogWarn("state dir: " + s.message());
@@ -226,7 +219,7 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
                                          "' nor node-name='" + p.options.device + "'");
       }
       const std::string& id = p.options.job_id;
-      if (!ValidJobId(id)) return Status::Error(EINVAL, "Invalid job ID '" + id + "'");
+      if (!IsValidId(id)) return Status::Error(EINVAL, "Invalid job ID '" + id + "'");
       if (FindListed(id) || reserved_ids_.count(id) || !seen.insert(id).second) {
         return Status::Error(EBUSY, "Job ID '" + id + "' already in use");
       }

@@ -13,6 +13,7 @@
 
 #include "backup/drive.h"
 #include "backup/event_bus.h"
+#include "backup/job_record_codec.h"
 #include "backup/job_types.h"
 #include "backup/mutex.h"
 #include "backup/status.h"
@@ -33,6 +34,9 @@ struct RegistryOptions {
   // Where job records are persisted across restarts (empty: nowhere). Only
   // JobRegistry::Open uses it; the plain constructor keeps records in memory.
   std::string state_dir;
+  // The format of those records; required with a state dir (the daemon
+  // passes control/'s, which writes jobs/<id> files).
+  std::shared_ptr<const JobRecordCodec> record_codec;
   // How many ended jobs keep their jobs/ file.
   size_t max_ended_jobs = 256;
   // How long a drive write waits for its copy-before-write before

@@ -117,16 +117,4 @@ bool ArgReader::Finish() {
   return true;
 }
 
-bool IsWellFormedId(std::string_view id) {
-  if (id.empty() || id.size() > 64) return false;
-  auto is_letter = [](char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); };
-  if (!is_letter(id[0])) return false;
-  for (char c : id) {
-    if (!is_letter(c) && !(c >= '0' && c <= '9') && c != '-' && c != '.' && c != '_') {
-      return false;
-    }
-  }
-  return true;
-}
-
 }  // namespace cbw::control

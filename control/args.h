@@ -65,8 +65,4 @@ class ArgReader {
   std::optional<QmpError> error_;
 };
 
-// QMP/drive-name id rules (SPEC 1, 2.3): a letter, then letters, digits, '-',
-// '.', '_'; at most 64 characters.
-bool IsWellFormedId(std::string_view id);
-
 }  // namespace cbw::control

@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "backup/ids.h"
 #include "backup/log.h"
 #include "control/args.h"
 #include "control/render.h"
@@ -155,7 +156,7 @@ std::optional<QmpError> CheckBackup(const Context& ctx, BackupArgs* a) {
     return GenericError(EINVAL, "Compression is not supported for this drive " + o.device);
   }
   if (a->job_id) {
-    if (!IsWellFormedId(*a->job_id)) {
+    if (!backup::IsValidId(*a->job_id)) {
       return GenericError(EINVAL, "Invalid job ID '" + *a->job_id + "'");
     }
     o.job_id = *a->job_id;

@@ -5,7 +5,6 @@
 #include <string>
 #include <string_view>
 
-#include "backup/event_bus.h"
 #include "backup/job_registry.h"
 #include "backup/job_types.h"
 
@@ -65,12 +64,5 @@ class Dispatcher {
   backup::JobRegistry* registry_;
   DispatcherOptions options_;
 };
-
-// One jobs/<id> file: a JSON object and a newline (SPEC 4).
-std::string RenderJobFile(const backup::JobInfo& info);
-// One events line: {"event", "data", "timestamp"} and a newline.
-std::string RenderEvent(const backup::Event& event);
-// The line a slow events reader gets in place of `count` events it missed.
-std::string RenderEventsDropped(uint64_t count);
 
 }  // namespace cbw::control

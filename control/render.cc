@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstdio>
 
-#include "control/dispatcher.h"
 #include "control/wire.h"
 
 namespace cbw::control {

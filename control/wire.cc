@@ -20,52 +20,6 @@ ParsedWrite Refuse(int err, std::string message) {
 
 bool IsJsonSpace(unsigned char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
-// Length of the well-formed UTF-8 sequence at `p` (RFC 3629: no overlongs, no
-// surrogates, nothing above U+10FFFF), or 0 if it is not one.
-size_t Utf8SequenceLength(const unsigned char* p, size_t avail) {
-  const unsigned char c = p[0];
-  if (c < 0x80) return 1;
-  size_t n;
-  unsigned char lo = 0x80, hi = 0xBF;  // bounds of the second byte
-  if (c >= 0xC2 && c <= 0xDF) {
-    n = 2;
-  } else if (c >= 0xE0 && c <= 0xEF) {
-    n = 3;
-    if (c == 0xE0) lo = 0xA0;
-    if (c == 0xED) hi = 0x9F;
-  } else if (c >= 0xF0 && c <= 0xF4) {
-    n = 4;
-    if (c == 0xF0) lo = 0x90;
-    if (c == 0xF4) hi = 0x8F;
-  } else {
-    return 0;
-  }
-  if (avail < n) return 0;
-  if (p[1] < lo || p[1] > hi) return 0;
-  for (size_t i = 2; i < n; ++i) {
-    if (p[i] < 0x80 || p[i] > 0xBF) return 0;
-  }
-  return n;
-}
-
-// The whole write must be UTF-8 without NUL bytes before anything looks at
-// its structure; offsets in messages count from the start of the write.
-ParsedWrite CheckBytes(std::string_view bytes) {
-  const auto* p = reinterpret_cast<const unsigned char*>(bytes.data());
-  size_t i = 0;
-  while (i < bytes.size()) {
-    if (p[i] == 0) {
-      return Refuse(EINVAL, "JSON parse error, NUL byte at offset " + std::to_string(i));
-    }
-    size_t n = Utf8SequenceLength(p + i, bytes.size() - i);
-    if (n == 0) {
-      return Refuse(EINVAL, "JSON parse error, invalid UTF-8 at offset " + std::to_string(i));
-    }
-    i += n;
-  }
-  return {};
-}
-
 // Finds the end of the object starting at bytes[start] == '{' by tracking
 // strings and bracket depth only; full syntax is nlohmann's job afterwards.
 // Sets *end one past its closing brace.
@@ -104,9 +58,26 @@ ParsedWrite FindObjectEnd(std::string_view bytes, size_t start, size_t* end) {
   return Refuse(EINVAL, "JSON parse error, the write ends inside an unfinished JSON value");
 }
 
-// Parses one object's text. Duplicate keys and "\u0000" in strings are
-// refused: QEMU refuses the former, and the latter would silently cut paths
-// and names at the C boundary.
+// What nlohmann says went wrong, without its prefix and without the bytes it
+// echoes ("; last read: '...'"), which may be the invalid UTF-8 or NUL that
+// stopped it: "unexpected '}'; expected string literal", "invalid string:
+// ill-formed UTF-8 byte", "invalid literal".
+std::string SyntaxReason(const char* what) {
+  std::string_view text(what);
+  size_t dash = text.find(" - ");
+  if (dash == std::string_view::npos) return "invalid JSON";
+  text.remove_prefix(dash + 3);
+  text = text.substr(0, text.find("; last read: "));
+  return std::string(text);
+}
+
+// Parses one object's text; `offset` is where it starts in the write, so
+// that messages name bytes of the write. nlohmann refuses what RFC 8259
+// refuses, invalid UTF-8 and unescaped control characters (NUL included)
+// among it, and says at which byte. Duplicate keys and "\u0000" in strings
+// are refused here: QEMU refuses the former, and the latter would silently
+// cut paths and names at the C boundary; nlohmann does not say where those
+// are, so their messages name the object.
 ParsedWrite ParseObject(std::string_view text, size_t offset, ordered_json* out) {
   std::vector<std::set<std::string>> keys;
   const char* problem = nullptr;
@@ -120,7 +91,9 @@ ParsedWrite ParseObject(std::string_view text, size_t offset, ordered_json* out)
         break;
       case ordered_json::parse_event_t::key: {
         const auto& key = parsed.get_ref<const std::string&>();
-        if (key.find('\0') != std::string::npos) problem = "\\u0000 in a string";
+        if (key.find('\0') != std::string::npos && problem == nullptr) {
+          problem = "\\u0000 in a string";
+        }
         if (!keys.empty() && !keys.back().insert(key).second && problem == nullptr) {
           problem = "duplicate key";
         }
@@ -128,7 +101,8 @@ ParsedWrite ParseObject(std::string_view text, size_t offset, ordered_json* out)
       }
       case ordered_json::parse_event_t::value:
         if (parsed.is_string() &&
-            parsed.get_ref<const std::string&>().find('\0') != std::string::npos) {
+            parsed.get_ref<const std::string&>().find('\0') != std::string::npos &&
+            problem == nullptr) {
           problem = "\\u0000 in a string";
         }
         break;
@@ -137,15 +111,24 @@ ParsedWrite ParseObject(std::string_view text, size_t offset, ordered_json* out)
     }
     return true;
   };
-  *out = ordered_json::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/false);
-  if (out->is_discarded()) {
+  const std::string in_object = " in the object at offset " + std::to_string(offset);
+  try {
+    *out = ordered_json::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/true,
+                               /*ignore_comments=*/false);
+  } catch (const ordered_json::parse_error& e) {
+    // `byte` counts from 1: it is the byte the parser stopped at.
+    const size_t at = offset + (e.byte > 0 ? e.byte - 1 : 0);
     return Refuse(
-        EINVAL, "JSON parse error, invalid JSON in the object at offset " + std::to_string(offset));
+        EINVAL, "JSON parse error, " + SyntaxReason(e.what()) + " at offset " + std::to_string(at));
+  } catch (const ordered_json::out_of_range&) {
+    // A number beyond double's range (out_of_range.406); nlohmann gives no
+    // position for it.
+    return Refuse(EINVAL, "JSON parse error, number out of range" + in_object);
+  } catch (const ordered_json::exception&) {
+    return Refuse(EINVAL, "JSON parse error, invalid JSON" + in_object);
   }
-  if (problem != nullptr) {
-    return Refuse(EINVAL, std::string("JSON parse error, ") + problem +
-                              " in the object at offset " + std::to_string(offset));
-  }
+  if (problem != nullptr)
+    return Refuse(EINVAL, std::string("JSON parse error, ") + problem + in_object);
   return {};
 }
 
@@ -192,8 +175,6 @@ void AppendQmpText(const ordered_json& v, std::string* out) {
 }  // namespace
 
 ParsedWrite ParseWrite(std::string_view bytes) {
-  if (ParsedWrite bad = CheckBytes(bytes); bad.error != 0) return bad;
-
   // First find every object's extent, then parse them all: nothing runs
   // unless the whole write is well formed.
   std::vector<std::pair<size_t, size_t>> spans;

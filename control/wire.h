@@ -29,6 +29,9 @@ struct ParsedWrite {
 // whitespace and parses each strictly (RFC 8259, no comments, no duplicate
 // keys, no NUL bytes or "\u0000", valid UTF-8 only). Whitespace alone gives no
 // commands and no error. Never recurses deeper than kMaxNestingDepth.
+// Messages name the byte offset (from 0, within `bytes`) where the problem
+// was found; for a duplicate key, "\u0000" or a number beyond double's range,
+// the offset of the object holding it.
 ParsedWrite ParseWrite(std::string_view bytes);
 
 // One JSON value as QEMU's monitor prints it: one line, ", " and ": "

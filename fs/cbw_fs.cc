@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "backup/log.h"
+#include "control/render.h"
 
 namespace cbw::fs {
 namespace {

@@ -23,6 +23,7 @@
 #include "backup/job_registry.h"
 #include "backup/log.h"
 #include "control/dispatcher.h"
+#include "control/job_record_codec.h"
 #include "fs/cbw_fs.h"
 #include "fs/options.h"
 #include "fs/session.h"
@@ -93,6 +94,7 @@ int Run(int argc, char** argv) {
   ropts.mountpoint = real;
   ropts.base_dir = cwd;
   ropts.state_dir = opts.state_dir;
+  ropts.record_codec = std::make_shared<cbw::control::JsonJobRecordCodec>();
   if (!ropts.state_dir.empty() && ropts.state_dir[0] != '/') {
     ropts.state_dir = std::string(cwd) + "/" + ropts.state_dir;
   }

@@ -5,6 +5,8 @@
 #include <set>
 #include <sstream>
 
+#include "backup/ids.h"
+
 namespace cbw::fs {
 namespace po = boost::program_options;
 using backup::Status;
@@ -34,17 +36,6 @@ po::options_description Describe() {
 Status Usage(const std::string& msg) { return Status::Error(EINVAL, msg); }
 
 }  // namespace
-
-bool IsValidId(const std::string& id) {
-  if (id.empty() || id.size() > 64 || !std::isalpha(static_cast<unsigned char>(id[0])))
-    return false;
-  for (char c : id) {
-    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '.' && c != '_') {
-      return false;
-    }
-  }
-  return true;
-}
 
 bool ParseSize(const std::string& text, uint64_t* bytes) {
   if (text.empty() || !std::isdigit(static_cast<unsigned char>(text[0]))) return false;
@@ -142,7 +133,7 @@ backup::Result<Options> ParseOptions(int argc, char** argv) {
         rest.resize(comma);
       }
       dc.path = rest;
-      if (!IsValidId(dc.name)) {
+      if (!backup::IsValidId(dc.name)) {
         return Usage("--drive '" + spec + "': invalid drive name '" + dc.name +
                      "' (a letter, then letters, digits, '-', '.', '_'; at most 64)");
       }

@@ -28,8 +28,6 @@ struct Options {
 backup::Result<Options> ParseOptions(int argc, char** argv);
 // The --help text.
 std::string UsageText();
-// QMP id rules: a letter, then letters, digits, '-', '.', '_'; at most 64.
-bool IsValidId(const std::string& id);
 // "64K", "1M", "65536" -> bytes; false if malformed.
 bool ParseSize(const std::string& text, uint64_t* bytes);
 

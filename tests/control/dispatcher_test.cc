@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "control/render.h"
 #include "control/wire.h"
 #include "tests/control/control_env.h"
 

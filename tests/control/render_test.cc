@@ -5,8 +5,6 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
-#include "control/dispatcher.h"
-
 namespace cbw::control {
 namespace {
 

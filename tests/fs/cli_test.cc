@@ -178,8 +178,8 @@ TEST(Cli, DetachedDaemonKeepsJobRecords) {
   EXPECT_EQ(b.exit_code, 0) << b.err;
   // The final record reaches the state dir while the daemon runs.
   EXPECT_TRUE(WaitFor([&] {
-    return RunShell("grep -qx 'result=success' " + (dir / "state/d.job")).exit_code == 0;
-  })) << RunShell("cat " + (dir / "state/d.job")).out;
+    return RunShell("jq -e '.result == \"success\"' " + (dir / "state/d.json")).exit_code == 0;
+  })) << RunShell("cat " + (dir / "state/d.json")).out;
   EXPECT_EQ(RunCommand({"fusermount3", "-u", dir / "mnt"}).exit_code, 0);
   EXPECT_TRUE(WaitFor([&] {
     return RunCommand({"pgrep", "-f", "cbwfs --state-dir " + (dir / "state")}).exit_code != 0;

@@ -92,16 +92,5 @@ TEST(Options, HelpAndVersion) {
   EXPECT_NE(UsageText().find("--drive"), std::string::npos);
 }
 
-TEST(Options, Ids) {
-  EXPECT_TRUE(IsValidId("a"));
-  EXPECT_TRUE(IsValidId("job-1.x_y"));
-  EXPECT_FALSE(IsValidId(""));
-  EXPECT_FALSE(IsValidId("-a"));
-  EXPECT_FALSE(IsValidId("a/b"));
-  EXPECT_FALSE(IsValidId(".."));
-  EXPECT_FALSE(IsValidId("a b"));
-  EXPECT_FALSE(IsValidId("a\n"));
-}
-
 }  // namespace
 }  // namespace cbw::fs

@@ -19,6 +19,12 @@ namespace {
 using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
+// The content of a file, or "" if it cannot be read (yet).
+std::string ReadIfAny(const std::string& path) {
+  CommandResult r = RunCommand({"cat", path});
+  return r.exit_code == 0 ? r.out : "";
+}
+
 json Record(CbwfsMount& m, const std::string& id) {
   json j = json::parse(m.JobRecord(id), nullptr, false);
   return j.is_object() ? j : json::object();
@@ -41,11 +47,24 @@ TEST(StateDir, RecordsSurviveSigtermAndSigkill) {
   const std::string image = RandomBytes(8 << 20, 5);
   WriteFileOrDie(src, image);
   const std::vector<std::string> args = {"--drive", "drive0=" + src, "--state-dir", dir / "state"};
+  std::string done_shown;  // jobs/done as the first daemon showed it
   {
     CbwfsMount m;
     ASSERT_TRUE(m.Start(args));
     ASSERT_EQ(m.Control(Backup("done", dir / "done.img", 0)), 0);
     ASSERT_TRUE(m.WaitJobStatus("done", {"null", "concluded"}));
+    // The record in the state dir is the job's jobs/ file, byte for byte (the
+    // persister writes it shortly after the last change), and jq reads it.
+    EXPECT_TRUE(WaitFor([&] {
+      done_shown = m.JobRecord("done");
+      return json::parse(done_shown, nullptr, false).value("status", "") == "null" &&
+             ReadIfAny(dir / "state/done.json") == done_shown;
+    })) << ReadIfAny(dir / "state/done.json")
+        << done_shown;
+    CommandResult jq = RunCommand(
+        {"jq", "-r", R"(.device + " " + .status + " " + .result)", dir / "state/done.json"});
+    EXPECT_EQ(jq.exit_code, 0) << jq.err;
+    EXPECT_EQ(jq.out, "done null success\n");
     ASSERT_EQ(m.Control(Backup("stopped", dir / "stopped.img", 1 << 20)), 0);
     ASSERT_TRUE(WaitFor([&] { return Record(m, "stopped").value("offset", 0) > 0; }));
     EXPECT_EQ(m.Stop(SIGTERM), 0);
@@ -57,11 +76,12 @@ TEST(StateDir, RecordsSurviveSigtermAndSigkill) {
     CbwfsMount m;
     ASSERT_TRUE(m.Start(args));
     EXPECT_EQ(Record(m, "done").value("result", ""), "success") << m.JobRecord("done");
+    EXPECT_EQ(m.JobRecord("done"), done_shown);  // read back from the record, unchanged
     EXPECT_EQ(Record(m, "stopped").value("result", ""), "cancelled") << m.JobRecord("stopped");
     ASSERT_EQ(m.Control(Backup("killed", dir / "killed.img", 1 << 20)), 0);
     ASSERT_TRUE(WaitFor([&] { return Record(m, "killed").value("offset", 0) > 0; }));
     // Records are written by a persister thread, within milliseconds.
-    ASSERT_TRUE(WaitFor([&] { return access((dir / "state/killed.job").c_str(), F_OK) == 0; }));
+    ASSERT_TRUE(WaitFor([&] { return access((dir / "state/killed.json").c_str(), F_OK) == 0; }));
     EXPECT_EQ(m.Stop(SIGKILL), 128 + SIGKILL);
     RunCommand({"fusermount3", "-uz", m.mnt()});
   }
@@ -165,8 +185,8 @@ TEST_F(HungTarget, SigtermExitsWithinFifteenSeconds) {
   EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 15.0);
   EXPECT_EQ(m_.Stop(SIGTERM), 0) << m_.log();
   EXPECT_EQ(ReadFileOrDie(dir_ / "src.img"), image_);
-  std::string rec = ReadFileOrDie(dir_ / "state/j.job");
-  EXPECT_NE(rec.find("result=cancelled"), std::string::npos) << rec;
+  std::string rec = ReadFileOrDie(dir_ / "state/j.json");
+  EXPECT_EQ(json::parse(rec, nullptr, false).value("result", ""), "cancelled") << rec;
 }
 
 }  // namespace
