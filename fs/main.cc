@@ -117,6 +117,8 @@ int Run(int argc, char** argv) {
     if (!s.ok()) return Fail(s.message());
     // Only the detached child gets here; the parent exited in Daemonize.
   }
+  // Threads start here, in the process that serves (fork keeps none).
+  fs.Start();
   LogInfo(std::string("mounted on ") + real);
   s = session.Loop([&] {
     // A signal: cancel the jobs while the mount still serves, so events
