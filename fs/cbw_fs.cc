@@ -255,11 +255,9 @@ void CbwFs::Open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
       if (acc != O_RDONLY) return (void)fuse_reply_err(req, EACCES);
       auto info = registry_->GetJobFile(n.name);
       if (!info) return (void)fuse_reply_err(req, ENOENT);
-      auto* h = new JobHandle();
-      h->id = n.name;
-      h->snapshot = control::RenderJobFile(*info);
+      std::string snapshot = control::RenderJobFile(*info);
       fi->direct_io = 1;
-      fi->fh = reinterpret_cast<uint64_t>(h);
+      fi->fh = reinterpret_cast<uint64_t>(new JobHandle{{}, n.name, std::move(snapshot)});
       break;
     }
     case Kind::kView: {

@@ -30,8 +30,9 @@ namespace cbw::fs {
 // has no lock: the node table, the events file and the last control reply
 // each have their own, and per-open state (a control stream, a job-file
 // snapshot) lives in a handle owned by the open (fi->fh) with its own mutex.
-// No two of these locks are held together except a control handle's with
-// LastReply's (handle first), and none is held across a reply.
+// Lock order: handle mutex -> engine (the dispatcher's commands, a job
+// record) and -> LastReply; the node table's and the events file's locks are
+// taken alone (see their headers). None is held across a reply.
 class CbwFs {
  public:
   struct Config {
