@@ -788,6 +788,34 @@ TEST_F(ControlE2E, EveryReaderGetsEveryEventInOrder) {
   }
 }
 
+// At a stop by signal, a reader waiting in poll() is woken and reads the
+// end of the stream (0), as a blocked `cat events` does, before the daemon
+// goes (it used to be left waiting until the mount vanished under it).
+TEST_F(ControlE2E, APollerReadsEndOfFileAtStop) {
+  int fd = open((mount_ / "events").c_str(), O_RDONLY | O_NONBLOCK);
+  ASSERT_GE(fd, 0);
+  std::atomic<int> got{-2};
+  std::atomic<int> err{0};
+  std::thread poller([&] {
+    char b[4096];
+    for (;;) {
+      pollfd q{fd, POLLIN, 0};
+      if (poll(&q, 1, 30000) != 1) break;
+      ssize_t n = read(fd, b, sizeof b);
+      if (n > 0) continue;
+      got = static_cast<int>(n);
+      err = n < 0 ? errno : 0;
+      if (n < 0 && errno == EAGAIN) continue;
+      break;
+    }
+    close(fd);
+  });
+  StartJob("p", "none");
+  EXPECT_EQ(mount_.Stop(SIGTERM), 0) << mount_.log();
+  poller.join();
+  EXPECT_EQ(got, 0) << strerror(err);
+}
+
 TEST_F(ControlE2E, Permissions) {
   struct stat st {};
   ASSERT_EQ(stat((mount_ / "control").c_str(), &st), 0);
