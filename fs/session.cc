@@ -79,11 +79,14 @@ Status Session::Daemonize() {
   // Nothing relies on the cwd after start (paths were resolved against it).
   if (chdir("/") != 0) return Status::FromErrno(errno, "chdir /");
   // stdio to /dev/null: a caller capturing our output would wait forever.
-  backup::UniqueFd null(open("/dev/null", O_RDWR | O_CLOEXEC));
+  // No O_CLOEXEC: it may become fd 0..2 itself (no thread runs yet to exec).
+  backup::UniqueFd null(open("/dev/null", O_RDWR));
   if (null.get() < 0) return Status::FromErrno(errno, "/dev/null");
   for (int fd : {0, 1, 2}) {
     if (dup2(null.get(), fd) < 0) return Status::FromErrno(errno, "dup2 /dev/null");
   }
+  // If stdio was closed, /dev/null came back as one of 0..2: keep it open.
+  if (null.get() <= 2) null.Release();
   backup::SetLogToSyslog(true);
   ready_fd_ = std::move(wr);
   int fd = ready_fd_.get();
