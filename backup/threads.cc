@@ -7,9 +7,17 @@
 
 namespace cbw::backup {
 
-void RunGuarded(const char* name, const std::function<void()>& body,
-                const std::function<void(const std::string& what)>& on_error) {
-  std::string what;
+void LogStoppedException(std::string_view where, const char* what) noexcept {
+  try {
+    LogError(std::string(where) + ": stopped an exception: " + what);
+  } catch (...) {
+  }
+}
+
+void RunGuarded(std::string_view name, const std::function<void()>& body,
+                const std::function<void(const std::string& what)>& on_error) noexcept {
+  const char* what;
+  std::string text;
   try {
     body();
     return;
@@ -17,12 +25,18 @@ void RunGuarded(const char* name, const std::function<void()>& body,
     what = "out of memory";
   } catch (const std::exception& e) {
     what = e.what();
+    try {
+      text = what;  // e dies with the handler
+      what = text.c_str();
+    } catch (...) {
+      what = "an exception";
+    }
   } catch (...) {
     what = "unknown exception";
   }
-  // Logging allocates; if even that fails there is nothing left to tell.
+  LogStoppedException(name, what);
+  // The handler may allocate too; if even that fails there is nothing left.
   try {
-    LogError(std::string(name) + ": " + what);
     if (on_error) on_error(what);
   } catch (...) {
   }

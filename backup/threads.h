@@ -2,7 +2,7 @@
 
 #include <functional>
 #include <string>
-#include <thread>
+#include <string_view>
 
 namespace cbw::backup {
 
@@ -11,14 +11,10 @@ namespace cbw::backup {
 // runs, e.g. to fail the job the thread worked for. Every thread the daemon
 // starts runs its body through this (an escaping exception would call
 // std::terminate and take the mount down).
-void RunGuarded(const char* name, const std::function<void()>& body,
-                const std::function<void(const std::string& what)>& on_error = nullptr);
-
-// std::thread whose body runs under RunGuarded.
-template <class F>
-std::thread GuardedThread(const char* name, F&& body) {
-  return std::thread(
-      [name, body = std::forward<F>(body)]() mutable { RunGuarded(name, [&] { body(); }); });
-}
+void RunGuarded(std::string_view name, const std::function<void()>& body,
+                const std::function<void(const std::string& what)>& on_error = nullptr) noexcept;
+// Logs that an exception was stopped at `where` (for catch blocks that
+// cannot use RunGuarded). Never throws.
+void LogStoppedException(std::string_view where, const char* what) noexcept;
 
 }  // namespace cbw::backup

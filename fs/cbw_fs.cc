@@ -9,38 +9,28 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <deque>
+#include <memory>
 #include <new>
 #include <string_view>
-#include <thread>
 #include <utility>
 #include <vector>
 
 #include "backup/log.h"
 #include "control/render.h"
+#include "backup/threads.h"
 
 namespace cbw::fs {
 namespace {
 
-constexpr fuse_ino_t kRootIno = FUSE_ROOT_ID;
-constexpr fuse_ino_t kControlIno = 2;
-constexpr fuse_ino_t kEventsIno = 3;
-constexpr fuse_ino_t kJobsIno = 4;
-constexpr fuse_ino_t kSnapshotsIno = 5;
-constexpr fuse_ino_t kFirstDriveIno = 16;
-constexpr fuse_ino_t kJobInoBase = fuse_ino_t{1} << 40;
-constexpr fuse_ino_t kViewInoBase = fuse_ino_t{2} << 40;
+constexpr fuse_ino_t kRootIno = NodeTable::kRootIno;
+constexpr fuse_ino_t kJobsIno = NodeTable::kJobsIno;
+constexpr fuse_ino_t kSnapshotsIno = NodeTable::kSnapshotsIno;
+static_assert(NodeTable::kRootIno == FUSE_ROOT_ID);
 
 // Fixed nodes may be cached by the kernel; jobs/ and snapshots/ entries come
 // and go, so they are never cached (they appear and vanish at once).
 constexpr double kFixedTimeout = 1.0;
 constexpr double kDynamicTimeout = 0.0;
-
-// Past this many job/view inode numbers, those of vanished ids are forgotten.
-constexpr size_t kPruneInodesAbove = 1024;
-
-// Bounds one events reader's backlog; past it the reader is told how many it missed.
-constexpr size_t kEventsBacklogBytes = 1 << 20;
 
 CbwFs* Self(fuse_req_t req) { return static_cast<CbwFs*>(fuse_req_userdata(req)); }
 
@@ -52,7 +42,11 @@ void Guard(fuse_req_t req, F&& body) {
     body();
   } catch (const std::bad_alloc&) {
     fuse_reply_err(req, ENOMEM);
+  } catch (const std::exception& e) {
+    backup::LogStoppedException("FUSE op", e.what());
+    fuse_reply_err(req, EIO);
   } catch (...) {
+    backup::LogStoppedException("FUSE op", "unknown exception");
     fuse_reply_err(req, EIO);
   }
 }
@@ -68,8 +62,7 @@ struct timespec FromSeconds(double s) {
 
 struct CbwFs::ControlHandle {
   std::mutex mu;
-  std::string stream;    // every response given on this open, in order
-  uint64_t written = 0;  // bytes of successful writes on this open
+  ControlStream stream;
 };
 
 struct CbwFs::JobHandle {
@@ -79,152 +72,20 @@ struct CbwFs::JobHandle {
 };
 
 struct CbwFs::DirHandle {
-  struct Entry {
-    std::string name;
-    fuse_ino_t ino;
-    mode_t mode;
-  };
-  std::vector<Entry> entries;
+  std::vector<NodeTable::Entry> entries;
 };
-
-// Guarded by CbwFs::mu_ (events are few; one lock keeps parking simple).
-struct CbwFs::EventsHandle {
-  CbwFs* fs = nullptr;
-  uint64_t token = 0;
-  std::string backlog;
-  uint64_t dropped = 0;
-  struct Parked {
-    fuse_req_t req;
-    size_t size;
-  };
-  std::deque<Parked> parked;
-  fuse_pollhandle* poll = nullptr;
-};
-
-namespace {
-
-// Interrupt of a parked events read: libfuse may call this while the request
-// is still being parked, or later from another thread. It only answers a
-// request it finds parked, under the lock that parking and delivery take.
-void OnEventsInterrupt(fuse_req_t req, void* data);
-
-}  // namespace
 
 CbwFs::CbwFs(backup::JobRegistry* registry, backup::EventBus* bus, control::Dispatcher* dispatcher,
              Config config)
-    : registry_(registry), bus_(bus), dispatcher_(dispatcher), config_(config) {
+    : registry_(registry),
+      dispatcher_(dispatcher),
+      config_(config),
+      nodes_(registry),
+      events_(bus) {
   clock_gettime(CLOCK_REALTIME, &mount_time_);
 }
 
 CbwFs::~CbwFs() { Shutdown(); }
-
-void CbwFs::Shutdown() {
-  std::vector<fuse_req_t> to_end;
-  {
-    std::lock_guard lock(mu_);
-    shut_down_ = true;
-    for (EventsHandle* h : events_handles_) {
-      for (auto& p : h->parked) to_end.push_back(p.req);
-      h->parked.clear();
-    }
-  }
-  for (fuse_req_t r : to_end) fuse_reply_buf(r, nullptr, 0);
-}
-
-void CbwFs::StopEvents(std::chrono::milliseconds deadline) {
-  auto wait = [&](auto done) {
-    auto end = std::chrono::steady_clock::now() + deadline;
-    for (;;) {
-      {
-        std::lock_guard lock(mu_);
-        if (done()) return;
-      }
-      if (std::chrono::steady_clock::now() >= end) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-  };
-  wait([&] {
-    for (EventsHandle* h : events_handles_) {
-      if (!h->backlog.empty()) return false;
-    }
-    return true;
-  });
-  Shutdown();
-  wait([&] { return events_handles_.empty(); });
-}
-
-CbwFs::Node CbwFs::Resolve(fuse_ino_t ino) const {
-  Node n;
-  switch (ino) {
-    case kRootIno:
-      n.kind = Kind::kRoot;
-      return n;
-    case kControlIno:
-      n.kind = Kind::kControl;
-      return n;
-    case kEventsIno:
-      n.kind = Kind::kEvents;
-      return n;
-    case kJobsIno:
-      n.kind = Kind::kJobsDir;
-      return n;
-    case kSnapshotsIno:
-      n.kind = Kind::kSnapshotsDir;
-      return n;
-    default:
-      break;
-  }
-  if (ino >= kFirstDriveIno && ino < kFirstDriveIno + registry_->drives().size()) {
-    n.kind = Kind::kDrive;
-    n.drive = ino - kFirstDriveIno;
-    return n;
-  }
-  if (ino >= kJobInoBase) {
-    std::lock_guard lock(mu_);
-    auto it = ino_names_.find(ino);
-    if (it != ino_names_.end()) {
-      n.kind = ino >= kViewInoBase ? Kind::kView : Kind::kJob;
-      n.name = it->second;
-    }
-  }
-  return n;
-}
-
-void CbwFs::PruneDynamicInos() {
-  {
-    std::lock_guard lock(mu_);
-    if (ino_names_.size() < kPruneInodesAbove) return;
-  }
-  // The live ids are fetched before taking mu_: the registry's locks come
-  // before ours (events are delivered under them).
-  std::set<std::string> jobs, views;
-  for (const auto& info : registry_->JobFiles()) jobs.insert(info.id);
-  for (const auto& id : registry_->SnapshotIds()) views.insert(id);
-  std::lock_guard lock(mu_);
-  for (auto it = ino_names_.begin(); it != ino_names_.end();) {
-    bool view = it->first >= kViewInoBase;
-    const auto& live = view ? views : jobs;
-    if (live.count(it->second)) {
-      ++it;
-      continue;
-    }
-    // A later lookup of the same id gets a new number; the kernel's stale
-    // inode answers ENOENT, as the file is gone.
-    (view ? view_inos_ : job_inos_).erase(it->second);
-    it = ino_names_.erase(it);
-  }
-}
-
-fuse_ino_t CbwFs::DynamicIno(Kind kind, const std::string& name) {
-  PruneDynamicInos();
-  std::lock_guard lock(mu_);
-  auto& map = kind == Kind::kJob ? job_inos_ : view_inos_;
-  auto [it, inserted] = map.emplace(name, 0);
-  if (inserted) it->second = next_serial_++;
-  fuse_ino_t ino = (kind == Kind::kJob ? kJobInoBase : kViewInoBase) + it->second;
-  ino_names_[ino] = name;
-  return ino;
-}
 
 bool CbwFs::Stat(fuse_ino_t ino, struct stat* st) const {
   *st = {};
@@ -233,7 +94,7 @@ bool CbwFs::Stat(fuse_ino_t ino, struct stat* st) const {
   st->st_gid = config_.gid;
   st->st_blksize = 4096;
   st->st_atim = st->st_mtim = st->st_ctim = mount_time_;
-  Node n = Resolve(ino);
+  NodeTable::Node n = nodes_.Resolve(ino);
   switch (n.kind) {
     case Kind::kNone:
       return false;
@@ -242,11 +103,11 @@ bool CbwFs::Stat(fuse_ino_t ino, struct stat* st) const {
       st->st_nlink = 4;
       return true;
     case Kind::kJobsDir:
-      st->st_mode = S_IFDIR | 0755;  // writable by the owner: `rm jobs/<id>`
-      st->st_nlink = 2;
-      return true;
     case Kind::kSnapshotsDir:
-      st->st_mode = S_IFDIR | 0555;
+      // Writable by the owner: `rm jobs/<id>`, and so that creating a name
+      // in either reaches cbwfs and fails with EROFS, as a read-only tree's
+      // would (not with EACCES from the mode bits).
+      st->st_mode = S_IFDIR | 0755;
       st->st_nlink = 2;
       return true;
     case Kind::kControl:
@@ -317,33 +178,20 @@ void CbwFs::Init(fuse_conn_info* conn) {
   if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC) conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
   if (conn->capable & FUSE_CAP_SPLICE_WRITE) conn->want |= FUSE_CAP_SPLICE_WRITE;
   if (conn->capable & FUSE_CAP_SPLICE_MOVE) conn->want |= FUSE_CAP_SPLICE_MOVE;
+  // Guarded on its own: a failed log line must not keep the waiting parent
+  // from hearing that the mount is live.
+  if (on_init_) backup::RunGuarded("FUSE init callback", on_init_);
   backup::LogDebug("FUSE init: max_write " + std::to_string(conn->max_write) + ", max_read " +
                    std::to_string(conn->max_read) + ", max_readahead " +
                    std::to_string(conn->max_readahead));
-  if (on_init_) on_init_();
 }
 
 void CbwFs::Lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
-  std::string_view n(name);
-  if (parent == kRootIno) {
-    if (n == "control") return ReplyEntry(req, kControlIno, kFixedTimeout);
-    if (n == "events") return ReplyEntry(req, kEventsIno, kFixedTimeout);
-    if (n == "jobs") return ReplyEntry(req, kJobsIno, kFixedTimeout);
-    if (n == "snapshots") return ReplyEntry(req, kSnapshotsIno, kFixedTimeout);
-    const auto& drives = registry_->drives();
-    for (size_t i = 0; i < drives.size(); ++i) {
-      if (drives[i]->name() == n) return ReplyEntry(req, kFirstDriveIno + i, kFixedTimeout);
-    }
-  } else if (parent == kJobsIno) {
-    if (registry_->GetJobFile(std::string(n))) {
-      return ReplyEntry(req, DynamicIno(Kind::kJob, std::string(n)), kDynamicTimeout);
-    }
-  } else if (parent == kSnapshotsIno) {
-    if (registry_->SnapshotSize(std::string(n))) {
-      return ReplyEntry(req, DynamicIno(Kind::kView, std::string(n)), kDynamicTimeout);
-    }
-  } else if (Resolve(parent).kind != Kind::kRoot) {
-    return (void)fuse_reply_err(req, ENOTDIR);
+  auto r = nodes_.Lookup(parent, name);
+  if (!r.ok()) return (void)fuse_reply_err(req, r.status().code());
+  if (*r != 0) {
+    Kind k = nodes_.Resolve(*r).kind;
+    return ReplyEntry(req, *r, NodeTable::IsDynamic(k) ? kDynamicTimeout : kFixedTimeout);
   }
   // A negative entry with zero timeout: nothing is cached, so a job file that
   // appears a moment later is found.
@@ -354,12 +202,12 @@ void CbwFs::Lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
 void CbwFs::GetAttr(fuse_req_t req, fuse_ino_t ino) {
   struct stat st {};
   if (!Stat(ino, &st)) return (void)fuse_reply_err(req, ENOENT);
-  Kind k = Resolve(ino).kind;
-  fuse_reply_attr(req, &st, k == Kind::kJob || k == Kind::kView ? kDynamicTimeout : kFixedTimeout);
+  Kind k = nodes_.Resolve(ino).kind;
+  fuse_reply_attr(req, &st, NodeTable::IsDynamic(k) ? kDynamicTimeout : kFixedTimeout);
 }
 
 void CbwFs::SetAttr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set) {
-  Node n = Resolve(ino);
+  NodeTable::Node n = nodes_.Resolve(ino);
   struct stat st {};
   if (!Stat(ino, &st)) return (void)fuse_reply_err(req, ENOENT);
   if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
@@ -381,7 +229,7 @@ void CbwFs::SetAttr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_se
 }
 
 void CbwFs::Open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
-  Node n = Resolve(ino);
+  NodeTable::Node n = nodes_.Resolve(ino);
   int acc = fi->flags & O_ACCMODE;
   switch (n.kind) {
     case Kind::kDrive: {
@@ -399,56 +247,18 @@ void CbwFs::Open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     }
     case Kind::kEvents: {
       if (acc != O_RDONLY) return (void)fuse_reply_err(req, EACCES);
-      auto* h = new EventsHandle();
-      h->fs = this;
-      {
-        std::lock_guard lock(mu_);
-        events_handles_.insert(h);
-      }
-      h->token = bus_->Subscribe([this, h](const backup::Event& ev) {
-        std::string line = control::RenderEvent(ev);
-        std::vector<std::pair<fuse_req_t, std::string>> replies;
-        fuse_pollhandle* ph = nullptr;
-        {
-          std::lock_guard lock(mu_);
-          if (h->backlog.size() + line.size() > kEventsBacklogBytes) {
-            ++h->dropped;
-          } else {
-            if (h->dropped) {
-              h->backlog += control::RenderEventsDropped(h->dropped);
-              h->dropped = 0;
-            }
-            h->backlog += line;
-          }
-          while (!h->parked.empty() && !h->backlog.empty()) {
-            auto p = h->parked.front();
-            h->parked.pop_front();
-            size_t take = std::min(p.size, h->backlog.size());
-            replies.emplace_back(p.req, h->backlog.substr(0, take));
-            h->backlog.erase(0, take);
-          }
-          ph = std::exchange(h->poll, nullptr);
-        }
-        for (auto& [r, data] : replies) fuse_reply_buf(r, data.data(), data.size());
-        if (ph) {
-          fuse_lowlevel_notify_poll(ph);
-          fuse_pollhandle_destroy(ph);
-        }
-      });
       fi->direct_io = 1;
       fi->nonseekable = 1;
-      fi->fh = reinterpret_cast<uint64_t>(h);
+      fi->fh = reinterpret_cast<uint64_t>(events_.Open());
       break;
     }
     case Kind::kJob: {
       if (acc != O_RDONLY) return (void)fuse_reply_err(req, EACCES);
       auto info = registry_->GetJobFile(n.name);
       if (!info) return (void)fuse_reply_err(req, ENOENT);
-      auto* h = new JobHandle();
-      h->id = n.name;
-      h->snapshot = control::RenderJobFile(*info);
+      std::string snapshot = control::RenderJobFile(*info);
       fi->direct_io = 1;
-      fi->fh = reinterpret_cast<uint64_t>(h);
+      fi->fh = reinterpret_cast<uint64_t>(new JobHandle{{}, n.name, std::move(snapshot)});
       break;
     }
     case Kind::kView: {
@@ -472,7 +282,7 @@ void CbwFs::Open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
 }
 
 void CbwFs::Read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
-  Node n = Resolve(ino);
+  NodeTable::Node n = nodes_.Resolve(ino);
   switch (n.kind) {
     case Kind::kDrive: {
       backup::Drive* d = registry_->drives()[n.drive];
@@ -489,62 +299,21 @@ void CbwFs::Read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_fi
     }
     case Kind::kControl: {
       auto* h = reinterpret_cast<ControlHandle*>(fi->fh);
-      std::string data;
+      backup::Result<std::string> data = std::string();
       {
+        // Copied out under the lock: once the reply is sent, the opener may
+        // close and the release (on another worker) frees h.
         std::lock_guard lock(h->mu);
-        if (h->stream.empty()) {
-          std::lock_guard l2(mu_);
-          data = last_reply_;
-        } else {
-          data = h->stream;
-        }
-        uint64_t pos = static_cast<uint64_t>(off) > h->written ? off - h->written : 0;
-        if (h->stream.empty()) pos = static_cast<uint64_t>(off);
-        if (pos >= data.size()) {
-          data.clear();
-        } else {
-          data = data.substr(pos, size);
-        }
+        data = h->stream.Read(static_cast<uint64_t>(off), size, last_reply_);
       }
-      fuse_reply_buf(req, data.data(), data.size());
+      if (!data.ok()) return (void)fuse_reply_err(req, data.status().code());
+      fuse_reply_buf(req, data->data(), data->size());
       return;
     }
-    case Kind::kEvents: {
-      auto* h = reinterpret_cast<EventsHandle*>(fi->fh);
-      // Register for interrupts before parking: libfuse calls the function at
-      // once if the request is already interrupted, and it must find the
-      // request either not yet parked (then we see fuse_req_interrupted) or
-      // parked (then it answers EINTR itself).
-      bool nonblock = fi->flags & O_NONBLOCK;
-      if (!nonblock) fuse_req_interrupt_func(req, OnEventsInterrupt, this);
-      std::string data;
-      int err = 0;
-      bool eof = false;
-      {
-        std::lock_guard lock(mu_);
-        if (h->backlog.empty() && h->dropped) {
-          h->backlog = control::RenderEventsDropped(h->dropped);
-          h->dropped = 0;
-        }
-        if (!h->backlog.empty()) {
-          data = h->backlog.substr(0, size);
-          h->backlog.erase(0, data.size());
-        } else if (shut_down_) {
-          eof = true;
-        } else if (nonblock) {
-          err = EAGAIN;
-        } else if (fuse_req_interrupted(req)) {
-          err = EINTR;
-        } else {
-          h->parked.push_back({req, size});
-          return;
-        }
-      }
-      if (err) return (void)fuse_reply_err(req, err);
-      if (eof) return (void)fuse_reply_buf(req, nullptr, 0);
-      fuse_reply_buf(req, data.data(), data.size());
+    case Kind::kEvents:
+      events_.Read(req, reinterpret_cast<EventsFile::Reader*>(fi->fh), size,
+                   (fi->flags & O_NONBLOCK) != 0);
       return;
-    }
     case Kind::kJob: {
       auto* h = reinterpret_cast<JobHandle*>(fi->fh);
       std::string data;
@@ -575,33 +344,9 @@ void CbwFs::Read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_fi
   }
 }
 
-namespace {
-void OnEventsInterrupt(fuse_req_t req, void* data) {
-  auto* fs = static_cast<CbwFs*>(data);
-  fs->AnswerInterrupted(req);
-}
-}  // namespace
-
-void CbwFs::AnswerInterrupted(fuse_req_t req) {
-  bool found = false;
-  {
-    std::lock_guard lock(mu_);
-    for (EventsHandle* h : events_handles_) {
-      auto it = std::find_if(h->parked.begin(), h->parked.end(),
-                             [req](const EventsHandle::Parked& p) { return p.req == req; });
-      if (it != h->parked.end()) {
-        h->parked.erase(it);
-        found = true;
-        break;
-      }
-    }
-  }
-  if (found) fuse_reply_err(req, EINTR);
-}
-
 void CbwFs::Write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off,
                   fuse_file_info* fi) {
-  Node n = Resolve(ino);
+  NodeTable::Node n = nodes_.Resolve(ino);
   if (n.kind == Kind::kDrive) {
     // Answered here, or later from a drive writer thread when a hook must
     // wait (a copy-before-write): no FUSE worker waits on a target.
@@ -629,12 +374,9 @@ void CbwFs::Write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, 
     // (on another worker) frees h.
     std::lock_guard lock(h->mu);
     control::WriteOutcome out = dispatcher_->Execute(std::string_view(buf, size));
-    h->stream += out.responses.empty() && out.error ? out.last_reply : out.responses;
-    if (out.error == 0) h->written += size;
-    if (!out.last_reply.empty()) {
-      std::lock_guard l2(mu_);
-      last_reply_ = out.last_reply;
-    }
+    h->stream.Record(out.responses.empty() && out.error ? out.last_reply : out.responses,
+                     out.error == 0 ? size : 0);
+    if (!out.last_reply.empty()) last_reply_.Set(out.last_reply);
     err = out.error;
   }
   if (err) return (void)fuse_reply_err(req, err);
@@ -642,28 +384,13 @@ void CbwFs::Write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, 
 }
 
 void CbwFs::Release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
-  switch (Resolve(ino).kind) {
+  switch (nodes_.Resolve(ino).kind) {
     case Kind::kControl:
       delete reinterpret_cast<ControlHandle*>(fi->fh);
       break;
-    case Kind::kEvents: {
-      auto* h = reinterpret_cast<EventsHandle*>(fi->fh);
-      // After Unsubscribe returns no delivery runs for h (the bus holds its
-      // lock while delivering).
-      bus_->Unsubscribe(h->token);
-      std::vector<fuse_req_t> left;
-      fuse_pollhandle* ph = nullptr;
-      {
-        std::lock_guard lock(mu_);
-        events_handles_.erase(h);
-        for (auto& p : h->parked) left.push_back(p.req);
-        ph = h->poll;
-      }
-      for (fuse_req_t r : left) fuse_reply_err(r, EINTR);
-      if (ph) fuse_pollhandle_destroy(ph);
-      delete h;
+    case Kind::kEvents:
+      events_.Release(reinterpret_cast<EventsFile::Reader*>(fi->fh));
       break;
-    }
     case Kind::kJob:
     case Kind::kView:
       delete reinterpret_cast<JobHandle*>(fi->fh);
@@ -675,44 +402,19 @@ void CbwFs::Release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
 }
 
 void CbwFs::Fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info* fi) {
-  Node n = Resolve(ino);
+  NodeTable::Node n = nodes_.Resolve(ino);
   if (n.kind != Kind::kDrive) return (void)fuse_reply_err(req, 0);
   backup::Status s = registry_->drives()[n.drive]->Flush(datasync != 0);
   fuse_reply_err(req, s.ok() ? 0 : s.code());
 }
 
 void CbwFs::OpenDir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
-  Node n = Resolve(ino);
+  auto children = nodes_.List(ino);
+  if (!children.ok()) return (void)fuse_reply_err(req, children.status().code());
   auto dh = std::make_unique<DirHandle>();
   dh->entries.push_back({".", ino, S_IFDIR});
   dh->entries.push_back({"..", kRootIno, S_IFDIR});
-  switch (n.kind) {
-    case Kind::kRoot: {
-      const auto& drives = registry_->drives();
-      for (size_t i = 0; i < drives.size(); ++i) {
-        dh->entries.push_back({drives[i]->name(), kFirstDriveIno + i, S_IFREG});
-      }
-      dh->entries.push_back({"control", kControlIno, S_IFREG});
-      dh->entries.push_back({"events", kEventsIno, S_IFREG});
-      dh->entries.push_back({"jobs", kJobsIno, S_IFDIR});
-      dh->entries.push_back({"snapshots", kSnapshotsIno, S_IFDIR});
-      break;
-    }
-    case Kind::kJobsDir:
-      for (const auto& info : registry_->JobFiles()) {
-        dh->entries.push_back({info.id, DynamicIno(Kind::kJob, info.id), S_IFREG});
-      }
-      break;
-    case Kind::kSnapshotsDir:
-      for (const auto& id : registry_->SnapshotIds()) {
-        dh->entries.push_back({id, DynamicIno(Kind::kView, id), S_IFREG});
-      }
-      break;
-    case Kind::kNone:
-      return (void)fuse_reply_err(req, ENOENT);
-    default:
-      return (void)fuse_reply_err(req, ENOTDIR);
-  }
+  for (auto& e : *children) dh->entries.push_back(std::move(e));
   fi->fh = reinterpret_cast<uint64_t>(dh.get());
   if (fuse_reply_open(req, fi) == 0) dh.release();
 }
@@ -725,7 +427,7 @@ void CbwFs::ReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse
     const auto& e = dh->entries[i];
     struct stat st {};
     st.st_ino = e.ino;
-    st.st_mode = e.mode;
+    st.st_mode = e.type;
     size_t need = fuse_add_direntry(req, buf.data() + used, size - used, e.name.c_str(), &st,
                                     static_cast<off_t>(i + 1));
     if (need > size - used) break;
@@ -740,15 +442,32 @@ void CbwFs::ReleaseDir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
 }
 
 void CbwFs::Unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
-  if (parent != kJobsIno) return (void)fuse_reply_err(req, EPERM);
+  if (parent != kJobsIno) return (void)fuse_reply_err(req, NameChangeError(parent));
   backup::Status s = registry_->RemoveJobFile(name);
   if (s.ok()) return (void)fuse_reply_err(req, 0);
   fuse_reply_err(req, s.code() == ESRCH ? ENOENT : s.code());
 }
 
+int CbwFs::NameChangeError(fuse_ino_t parent) const {
+  return parent == kJobsIno || parent == kSnapshotsIno ? EROFS : EPERM;
+}
+
+void CbwFs::Rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  fuse_reply_err(req, NameChangeError(parent));
+}
+
+void CbwFs::NewName(fuse_req_t req, fuse_ino_t parent) {
+  fuse_reply_err(req, NameChangeError(parent));
+}
+
+void CbwFs::Rename(fuse_req_t req, fuse_ino_t parent, fuse_ino_t newparent) {
+  int e = NameChangeError(parent);
+  fuse_reply_err(req, e == EROFS ? e : NameChangeError(newparent));
+}
+
 void CbwFs::Fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len,
                       fuse_file_info* fi) {
-  Node n = Resolve(ino);
+  NodeTable::Node n = nodes_.Resolve(ino);
   if (n.kind != Kind::kDrive) return (void)fuse_reply_err(req, EOPNOTSUPP);
   backup::Drive* d = registry_->drives()[n.drive];
   if (d->readonly()) return (void)fuse_reply_err(req, EROFS);
@@ -774,7 +493,7 @@ void CbwFs::Fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t
 void CbwFs::Lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, fuse_file_info* fi) {
   if (whence != SEEK_DATA && whence != SEEK_HOLE) return (void)fuse_reply_err(req, EINVAL);
   if (off < 0) return (void)fuse_reply_err(req, ENXIO);
-  Node n = Resolve(ino);
+  NodeTable::Node n = nodes_.Resolve(ino);
   backup::Result<uint64_t> r = backup::Status::Error(EINVAL, "");
   if (n.kind == Kind::kDrive) {
     r = registry_->drives()[n.drive]->Seek(static_cast<uint64_t>(off), whence);
@@ -786,20 +505,11 @@ void CbwFs::Lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, fuse_fi
 }
 
 void CbwFs::Poll(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi, fuse_pollhandle* ph) {
-  if (Resolve(ino).kind != Kind::kEvents) {
+  if (nodes_.Resolve(ino).kind != Kind::kEvents) {
     if (ph) fuse_pollhandle_destroy(ph);
     return (void)fuse_reply_poll(req, POLLIN | POLLOUT);
   }
-  auto* h = reinterpret_cast<EventsHandle*>(fi->fh);
-  unsigned revents = 0;
-  fuse_pollhandle* old = nullptr;
-  {
-    std::lock_guard lock(mu_);
-    if (!h->backlog.empty() || h->dropped || shut_down_) revents = POLLIN;
-    if (ph) old = std::exchange(h->poll, ph);
-  }
-  if (old) fuse_pollhandle_destroy(old);
-  fuse_reply_poll(req, revents);
+  events_.Poll(req, reinterpret_cast<EventsFile::Reader*>(fi->fh), ph);
 }
 
 void CbwFs::StatFs(fuse_req_t req, fuse_ino_t ino) {
@@ -817,7 +527,9 @@ namespace {
 // C trampolines: each op reaches its CbwFs through fuse_req_userdata.
 const fuse_lowlevel_ops kOps = [] {
   fuse_lowlevel_ops o{};
-  o.init = [](void* ud, fuse_conn_info* c) { static_cast<CbwFs*>(ud)->Init(c); };
+  o.init = [](void* ud, fuse_conn_info* c) {
+    backup::RunGuarded("FUSE init", [&] { static_cast<CbwFs*>(ud)->Init(c); });
+  };
   o.lookup = [](fuse_req_t r, fuse_ino_t p, const char* n) {
     Guard(r, [&] { Self(r)->Lookup(r, p, n); });
   };
@@ -857,6 +569,27 @@ const fuse_lowlevel_ops kOps = [] {
   o.fsyncdir = [](fuse_req_t r, fuse_ino_t, int, fuse_file_info*) { fuse_reply_err(r, 0); };
   o.unlink = [](fuse_req_t r, fuse_ino_t p, const char* n) {
     Guard(r, [&] { Self(r)->Unlink(r, p, n); });
+  };
+  o.rmdir = [](fuse_req_t r, fuse_ino_t p, const char* n) {
+    Guard(r, [&] { Self(r)->Rmdir(r, p, n); });
+  };
+  o.create = [](fuse_req_t r, fuse_ino_t p, const char*, mode_t, fuse_file_info*) {
+    Guard(r, [&] { Self(r)->NewName(r, p); });
+  };
+  o.mknod = [](fuse_req_t r, fuse_ino_t p, const char*, mode_t, dev_t) {
+    Guard(r, [&] { Self(r)->NewName(r, p); });
+  };
+  o.mkdir = [](fuse_req_t r, fuse_ino_t p, const char*, mode_t) {
+    Guard(r, [&] { Self(r)->NewName(r, p); });
+  };
+  o.symlink = [](fuse_req_t r, const char*, fuse_ino_t p, const char*) {
+    Guard(r, [&] { Self(r)->NewName(r, p); });
+  };
+  o.link = [](fuse_req_t r, fuse_ino_t, fuse_ino_t p, const char*) {
+    Guard(r, [&] { Self(r)->NewName(r, p); });
+  };
+  o.rename = [](fuse_req_t r, fuse_ino_t p, const char*, fuse_ino_t np, const char*, unsigned) {
+    Guard(r, [&] { Self(r)->Rename(r, p, np); });
   };
   o.fallocate = [](fuse_req_t r, fuse_ino_t i, int m, off_t off, off_t len, fuse_file_info* f) {
     Guard(r, [&] { Self(r)->Fallocate(r, i, m, off, len, f); });

@@ -127,9 +127,9 @@ int Run(int argc, char** argv) {
     if (!s.ok()) return Fail(s.message());
     // Only the detached child gets here; the parent exited in Daemonize.
   }
-  // Threads start only now: one started before the fork would not exist in
-  // the detached daemon.
+  // Threads start here, in the process that serves (fork keeps none).
   registry.StartPersister();
+  fs.Start();
   LogInfo(std::string("mounted on ") + real);
   s = session.Loop([&] {
     // A signal: cancel the jobs while the mount still serves, so events

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "backup/log.h"
+#include "backup/threads.h"
 
 namespace cbw::fs {
 
@@ -70,12 +71,14 @@ Status Session::Mount(const std::string& mountpoint) {
   sigset_t stop;
   sigemptyset(&stop);
   for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGUSR1}) sigaddset(&stop, sig);
-  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  if (int e = pthread_sigmask(SIG_BLOCK, &stop, nullptr); e != 0) {
+    return Status::FromErrno(e, "blocking signals");
+  }
   // SIGUSR2 only interrupts the loop's wait (see Loop).
   struct sigaction sa {};
   sa.sa_handler = [](int) {};
-  sigaction(SIGUSR2, &sa, nullptr);
-  signal(SIGPIPE, SIG_IGN);
+  if (sigaction(SIGUSR2, &sa, nullptr) != 0) return Status::FromErrno(errno, "sigaction");
+  if (signal(SIGPIPE, SIG_IGN) == SIG_ERR) return Status::FromErrno(errno, "ignoring SIGPIPE");
   if (fuse_session_mount(se_, mountpoint.c_str()) != 0) {
     return Status::Error(EIO, "cannot mount on '" + mountpoint +
                                   "' (is /dev/fuse available and fusermount3 installed?)");
@@ -101,16 +104,20 @@ Status Session::Daemonize() {
     _exit(n == 1 ? 0 : 1);
   }
   rd.Reset();
-  setsid();
-  if (chdir("/") != 0) { /* "/" always exists; nothing relies on cwd after start */
+  // In the child: a failure here ends it, and the parent, seeing the pipe
+  // close without a byte, exits 1.
+  if (setsid() < 0) return Status::FromErrno(errno, "setsid");
+  // Nothing relies on the cwd after start (paths were resolved against it).
+  if (chdir("/") != 0) return Status::FromErrno(errno, "chdir /");
+  // stdio to /dev/null: a caller capturing our output would wait forever.
+  // No O_CLOEXEC: it may become fd 0..2 itself (no thread runs yet to exec).
+  backup::UniqueFd null(open("/dev/null", O_RDWR));
+  if (null.get() < 0) return Status::FromErrno(errno, "/dev/null");
+  for (int fd : {0, 1, 2}) {
+    if (dup2(null.get(), fd) < 0) return Status::FromErrno(errno, "dup2 /dev/null");
   }
-  int null = open("/dev/null", O_RDWR);
-  if (null >= 0) {
-    dup2(null, 0);
-    dup2(null, 1);
-    dup2(null, 2);
-    if (null > 2) close(null);
-  }
+  // If stdio was closed, /dev/null came back as one of 0..2: keep it open.
+  if (null.get() <= 2) null.Release();
   backup::SetLogToSyslog(true);
   ready_fd_ = std::move(wr);
   int fd = ready_fd_.get();
@@ -128,17 +135,26 @@ Status Session::Loop(std::function<void()> on_stop) {
   // interrupted, hence SIGUSR2 to this thread. SIGUSR1 ends the watcher when
   // the loop ended by itself (unmount).
   std::thread watcher([this, on_stop = std::move(on_stop)] {
-    sigset_t set;
-    sigemptyset(&set);
-    for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGUSR1}) sigaddset(&set, sig);
-    int sig = 0;
-    while (sigwait(&set, &sig) != 0) {
-    }
-    if (sig == SIGUSR1) return;
-    backup::LogInfo(std::string("got ") + strsignal(sig) + ": stopping");
-    if (on_stop) on_stop();
-    fuse_session_exit(se_);
-    pthread_kill(loop_thread_, SIGUSR2);
+    backup::RunGuarded("signal watcher", [&] {
+      sigset_t set;
+      sigemptyset(&set);
+      for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGUSR1}) sigaddset(&set, sig);
+      int sig = 0;
+      if (int e = sigwait(&set, &sig); e != 0) {
+        backup::LogError(std::string("signal watcher: sigwait: ") + std::strerror(e));
+        return;
+      }
+      if (sig == SIGUSR1) return;
+      backup::RunGuarded("stopping on a signal", [&] {
+        backup::LogInfo(std::string("got ") + strsignal(sig) + ": stopping");
+        if (on_stop) on_stop();
+      });
+      // Whatever on_stop did, the loop ends: a signal always stops the daemon.
+      fuse_session_exit(se_);
+      if (int e = pthread_kill(loop_thread_, SIGUSR2); e != 0) {
+        backup::LogError(std::string("waking the FUSE loop: ") + std::strerror(e));
+      }
+    });
   });
 
   fuse_loop_config* cfg = fuse_loop_cfg_create();
@@ -152,7 +168,11 @@ Status Session::Loop(std::function<void()> on_stop) {
   int r = fuse_session_loop_mt(se_, cfg);
   fuse_loop_cfg_destroy(cfg);
   ready_fd_.Reset();
-  pthread_kill(watcher.native_handle(), SIGUSR1);
+  // The watcher is in sigwait (SIGUSR1 ends it) unless a signal ended the
+  // loop and it is exiting on its own (ESRCH then is no error).
+  if (int e = pthread_kill(watcher.native_handle(), SIGUSR1); e != 0 && e != ESRCH) {
+    backup::LogError(std::string("stopping the signal watcher: ") + std::strerror(e));
+  }
   watcher.join();
   if (r < 0) return Status::Error(-r, std::string("FUSE loop: ") + std::strerror(-r));
   return Status::Ok();

@@ -6,9 +6,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <string>
 #include <thread>
@@ -88,6 +91,49 @@ TEST_F(ControlE2E, OneOpenReadsEachReplyInTurn) {
   EXPECT_EQ(lines[2]["error"]["class"], "GenericError") << r.out;
   EXPECT_EQ(lines[3]["id"], 4);
   EXPECT_EQ(lines[3]["return"], json::object());
+}
+
+// SPEC 2.2: an open keeps its unread replies and the last 1 MiB of those it
+// has read; a read further back fails with EINVAL (issue 13 defect 6: every
+// reply used to be kept for the life of the open).
+TEST_F(ControlE2E, ReadingBackOneMiBWorksAndFurtherIsInvalid) {
+  constexpr off_t kMiB = 1 << 20;
+  int fd = open((mount_ / "control").c_str(), O_RDWR);
+  ASSERT_GE(fd, 0) << strerror(errno);
+  std::string cmds;
+  for (int i = 0; i < 2000; ++i) cmds += Cmd("query-commands") + "\n";
+  std::string stream;
+  std::vector<char> buf(1 << 16);
+  for (int w = 0; w < 3; ++w) {
+    ASSERT_EQ(write(fd, cmds.data(), cmds.size()), static_cast<ssize_t>(cmds.size()))
+        << strerror(errno);
+    ssize_t n;
+    while ((n = read(fd, buf.data(), buf.size())) > 0) stream.append(buf.data(), n);
+    ASSERT_EQ(n, 0) << strerror(errno);
+  }
+  ASSERT_EQ(JsonLines(stream).size(), 6000u);
+  ASSERT_GT(stream.size(), static_cast<size_t>(3 * kMiB));
+  off_t end = lseek(fd, 0, SEEK_CUR);
+  ASSERT_EQ(end, static_cast<off_t>(3 * cmds.size() + stream.size()));
+
+  // 1 MiB back: the same bytes again.
+  ASSERT_EQ(lseek(fd, end - kMiB, SEEK_SET), end - kMiB);
+  ssize_t n = read(fd, buf.data(), 4096);
+  ASSERT_EQ(n, 4096) << strerror(errno);
+  EXPECT_EQ(std::string(buf.data(), n), stream.substr(stream.size() - kMiB, 4096));
+  // One byte further: EINVAL, and the open still works afterwards.
+  ASSERT_EQ(lseek(fd, end - kMiB - 1, SEEK_SET), end - kMiB - 1);
+  EXPECT_EQ(read(fd, buf.data(), 4096), -1);
+  EXPECT_EQ(errno, EINVAL);
+  EXPECT_EQ(pread(fd, buf.data(), 10, 0), -1);
+  EXPECT_EQ(errno, EINVAL);
+  ASSERT_EQ(lseek(fd, end, SEEK_SET), end);
+  std::string cmd = Cmd("query-version", json(), "last") + "\n";
+  ASSERT_EQ(write(fd, cmd.data(), cmd.size()), static_cast<ssize_t>(cmd.size()));
+  n = read(fd, buf.data(), buf.size());
+  ASSERT_GT(n, 0) << strerror(errno);
+  EXPECT_EQ(json::parse(std::string(buf.data(), n), nullptr, false)["id"], "last");
+  close(fd);
 }
 
 TEST_F(ControlE2E, CommandsOfOneWriteRunInOrderAndTheFirstFailureStopsTheRest) {
@@ -656,6 +702,118 @@ TEST_F(ControlE2E, TwentyIdleReadersDoNotStallTheMount) {
   for (auto& r : readers) r->Signal(SIGINT);
   for (auto& r : readers) EXPECT_NE(r->Wait(std::chrono::seconds(5)), -1);
   EXPECT_EQ(mount_.Control(Cmd("query-block")), 0);
+}
+
+// Events are answered from a delivery thread, never under the bus's or a
+// job's lock (issue 13 defect 5). Whatever the reader (blocking reads parked
+// in the daemon, reads smaller than a line, poll()), each gets every event,
+// in publication order: all their streams are the same bytes.
+TEST_F(ControlE2E, EveryReaderGetsEveryEventInOrder) {
+  Background cat1("exec cat " + Q(mount_ / "events"), dir_ / "cat1.log");
+  Background cat2("exec cat " + Q(mount_ / "events"), dir_ / "cat2.log");
+  // 13-byte reads: lines are split across reads (and across parked reads).
+  Background small("exec dd bs=13 status=none < " + Q(mount_ / "events"), dir_ / "small.log");
+  int pfd = open((mount_ / "events").c_str(), O_RDONLY | O_NONBLOCK);
+  ASSERT_GE(pfd, 0);
+  for (auto* b : {&cat1, &cat2, &small}) {
+    ASSERT_TRUE(WaitFor([&] { return b->HasOpen(mount_ / "events"); }));
+  }
+  constexpr int kJobs = 40;
+  std::mutex polled_mu;
+  std::string polled;
+  std::atomic<bool> stop{false};
+  std::thread poller([&] {
+    char b[4096];
+    while (!stop) {
+      pollfd q{pfd, POLLIN, 0};
+      if (poll(&q, 1, 100) != 1) continue;
+      ssize_t n;
+      while ((n = read(pfd, b, sizeof b)) > 0) {
+        std::lock_guard lock(polled_mu);
+        polled.append(b, static_cast<size_t>(n));
+      }
+    }
+  });
+  std::string starts, cancels;
+  for (int i = 0; i < kJobs; ++i) {
+    std::string id = "o" + std::to_string(i);
+    starts += Cmd(
+        "drive-backup",
+        {{"device", "drive0"}, {"job-id", id}, {"target", dir_ / (id + ".img")}, {"sync", "none"}});
+    cancels += Cmd("job-cancel", {{"id", id}});
+  }
+  ASSERT_EQ(mount_.Control(starts), 0) << ReadFileOrDie(mount_ / "control");
+  ASSERT_EQ(mount_.Control(cancels), 0) << ReadFileOrDie(mount_ / "control");
+  auto nulls = [](const std::string& text) {
+    size_t count = 0;
+    for (size_t p = 0; (p = text.find("\"status\": \"null\"", p)) != std::string::npos; ++p) {
+      ++count;
+    }
+    return count;
+  };
+  for (const char* f : {"cat1.log", "cat2.log", "small.log"}) {
+    EXPECT_TRUE(WaitFor([&] { return nulls(ReadFileOrDie(dir_ / f)) == kJobs; }))
+        << f << ": " << ReadFileOrDie(dir_ / f);
+  }
+  EXPECT_TRUE(WaitFor([&] {
+    std::lock_guard lock(polled_mu);
+    return nulls(polled) == kJobs;
+  })) << polled;
+  stop = true;
+  poller.join();
+  close(pfd);
+  for (auto* b : {&cat1, &cat2, &small}) b->Signal(SIGINT);
+  for (auto* b : {&cat1, &cat2, &small}) EXPECT_NE(b->Wait(std::chrono::seconds(5)), -1);
+
+  std::string ref = ReadFileOrDie(dir_ / "cat1.log");
+  EXPECT_EQ(ReadFileOrDie(dir_ / "cat2.log"), ref);
+  EXPECT_EQ(ReadFileOrDie(dir_ / "small.log"), ref);
+  EXPECT_EQ(polled, ref);
+  // Publication order: timestamps never go back, and each job's statuses
+  // run from created to null.
+  double last_ts = 0;
+  std::map<std::string, std::vector<std::string>> statuses;
+  for (const json& e : JsonLines(ref)) {
+    ASSERT_TRUE(e.is_object()) << ref;
+    double ts = e["timestamp"]["seconds"].get<double>() +
+                e["timestamp"]["microseconds"].get<double>() / 1e6;
+    EXPECT_GE(ts, last_ts);
+    last_ts = ts;
+    if (e["event"] == "JOB_STATUS_CHANGE") statuses[e["data"]["id"]].push_back(e["data"]["status"]);
+  }
+  ASSERT_EQ(statuses.size(), static_cast<size_t>(kJobs));
+  for (const auto& [id, s] : statuses) {
+    EXPECT_EQ(s.front(), "created") << id;
+    EXPECT_EQ(s.back(), "null") << id;
+  }
+}
+
+// At a stop by signal, a reader waiting in poll() is woken and reads the
+// end of the stream (0), as a blocked `cat events` does, before the daemon
+// goes (it used to be left waiting until the mount vanished under it).
+TEST_F(ControlE2E, APollerReadsEndOfFileAtStop) {
+  int fd = open((mount_ / "events").c_str(), O_RDONLY | O_NONBLOCK);
+  ASSERT_GE(fd, 0);
+  std::atomic<int> got{-2};
+  std::atomic<int> err{0};
+  std::thread poller([&] {
+    char b[4096];
+    for (;;) {
+      pollfd q{fd, POLLIN, 0};
+      if (poll(&q, 1, 30000) != 1) break;
+      ssize_t n = read(fd, b, sizeof b);
+      if (n > 0) continue;
+      got = static_cast<int>(n);
+      err = n < 0 ? errno : 0;
+      if (n < 0 && errno == EAGAIN) continue;
+      break;
+    }
+    close(fd);
+  });
+  StartJob("p", "none");
+  EXPECT_EQ(mount_.Stop(SIGTERM), 0) << mount_.log();
+  poller.join();
+  EXPECT_EQ(got, 0) << strerror(err);
 }
 
 TEST_F(ControlE2E, Permissions) {
