@@ -248,7 +248,7 @@ Result<std::shared_ptr<FileTarget>> FileTarget::Open(const TargetRequest& req, R
                                             std::to_string(size) + " < " +
                                             std::to_string(req.size) + " bytes)"));
   }
-  if (req.mode == TargetMode::kExisting && !req.format_given) {
+  if (req.mode == TargetMode::kExisting && !req.format) {
     unsigned char head[512] = {};
     Result<size_t> n = PreadFull(t->fd_.get(), head, sizeof(head), 0);
     if (!n.ok()) return OpenError(req, false, n.status().code());

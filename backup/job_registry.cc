@@ -238,7 +238,7 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
     req.mountpoint = options_.mountpoint;
     req.mount_dev = mount_dev_.load();
     req.mode = p.options.mode;
-    req.format_given = p.options.format_given;
+    req.format = p.options.format;
     req.size = p.drive->size();
     Result<std::shared_ptr<Target>> t = OpenTarget(req, drives_);
     if (!t.ok()) return refuse(t.status());
@@ -295,6 +295,11 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
     started.push_back(std::move(job));
   }
   for (auto& job : started) job->Announce();
+  if (options_.before_point_in_time) {
+    std::vector<Drive*> drives;
+    for (const auto& p : prepared) drives.push_back(p.drive);
+    options_.before_point_in_time(drives);
+  }
   Drive::InstallHooks(hooks);
 
   // 6. Listed; ended records with the same ids are replaced.

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <set>
@@ -48,6 +49,10 @@ struct RegistryOptions {
   // How often a running job's record is rewritten with its progress, so a
   // killed daemon's record shows the last known offset.
   uint32_t progress_save_ms = 5'000;
+  // Called, with no lock held, just before a command fixes a point in time
+  // on these drives (fs/ writes back the kernel's cached dirty pages of a
+  // drive in writeback-cache mode, SPEC 9). Null: nothing to do.
+  std::function<void(const std::vector<Drive*>&)> before_point_in_time;
 };
 
 // The set of drives and jobs: starts backups, routes job verbs, keeps the

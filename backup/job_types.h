@@ -63,10 +63,10 @@ struct BackupOptions {
   CbwErrorPolicy on_cbw_error = CbwErrorPolicy::kBreakSnapshot;
   bool auto_finalize = true;
   bool auto_dismiss = true;
-  // Set by control/ when `format` was given explicitly (only "raw" gets this
-  // far); with mode=existing and no format the engine probes the target's
-  // magic and refuses other image formats.
-  bool format_given = false;
+  // `format` as given: "raw" or "qcow2" (control/ refuses others). Unset:
+  // raw, except that with mode existing the target's magic is probed (a
+  // qcow2 image is written as qcow2, other image formats are refused).
+  std::optional<std::string> format;
 };
 
 // A consistent copy of one job's state (SPEC section 4), taken under the

@@ -106,8 +106,10 @@ struct TargetRequest {
   std::string mountpoint;  // absolute, canonical: refused by path
   dev_t mount_dev = 0;     // the mount's st_dev: refused by device (0: unknown)
   TargetMode mode = TargetMode::kAbsolutePaths;
-  bool format_given = false;  // `format` given: no probing
-  uint64_t size = 0;          // the drive's size
+  // `format` as given ("raw", "qcow2"); unset: raw, or probed with mode
+  // existing.
+  std::optional<std::string> format;
+  uint64_t size = 0;  // the drive's size
 };
 
 // Validates and opens a target without changing anything on disk except

@@ -135,7 +135,7 @@ std::optional<QmpError> CheckBackup(const Context& ctx, BackupArgs* a) {
   if (a->format) {
     if (*a->format != "raw")
       return GenericError(EINVAL, "Unknown file format '" + *a->format + "'");
-    o.format_given = true;
+    o.format = *a->format;
   }
   const bool needs_bitmap = a->sync == "incremental" || a->sync == "bitmap";
   if (needs_bitmap && !a->bitmap) {

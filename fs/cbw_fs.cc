@@ -16,8 +16,8 @@
 #include <vector>
 
 #include "backup/log.h"
-#include "control/render.h"
 #include "backup/threads.h"
+#include "control/render.h"
 
 namespace cbw::fs {
 namespace {
@@ -178,6 +178,12 @@ void CbwFs::Init(fuse_conn_info* conn) {
   if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC) conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
   if (conn->capable & FUSE_CAP_SPLICE_WRITE) conn->want |= FUSE_CAP_SPLICE_WRITE;
   if (conn->capable & FUSE_CAP_SPLICE_MOVE) conn->want |= FUSE_CAP_SPLICE_MOVE;
+  // Asynchronous direct I/O (a VM's queue) may keep many requests in flight:
+  // allow more than the kernel's 12. Requests that must wait for a copy
+  // before write leave their worker (Drive's slow path), so a deep queue
+  // cannot starve control and jobs/.
+  conn->max_background = 64;
+  conn->congestion_threshold = 48;
   // Guarded on its own: a failed log line must not keep the waiting parent
   // from hearing that the mount is live.
   if (on_init_) backup::RunGuarded("FUSE init callback", on_init_);

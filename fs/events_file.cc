@@ -8,8 +8,8 @@
 #include <utility>
 
 #include "backup/log.h"
-#include "control/render.h"
 #include "backup/threads.h"
+#include "control/render.h"
 
 namespace cbw::fs {
 namespace {
@@ -54,8 +54,8 @@ EventsFile::~EventsFile() {
 void EventsFile::Start() {
   std::lock_guard lock(mu_);
   if (delivery_.joinable() || stopping_) return;
-  delivery_ =
-      std::thread([this] { backup::RunGuarded("events delivery thread", [this] { DeliveryLoop(); }); });
+  delivery_ = std::thread(
+      [this] { backup::RunGuarded("events delivery thread", [this] { DeliveryLoop(); }); });
 }
 
 void EventsFile::Shutdown() {

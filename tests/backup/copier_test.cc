@@ -97,7 +97,7 @@ struct CopySetup {
     TargetRequest req;
     req.spec = dir / name;
     req.mode = mode;
-    req.format_given = true;
+    req.format = "raw";
     req.size = drive->size();
     auto t = OpenTarget(req, {drive.get()});
     EXPECT_TRUE(t.ok()) << t.status().message();

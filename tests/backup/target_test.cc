@@ -104,7 +104,7 @@ TEST(TargetTest, ExistingTargetWithFormatRawIsOverwrittenAndStaleDataPunched) {
   testing::WriteAt(p, std::string("QFI\xfb", 4) + RandomBytes(6 * kMiB, 26), 0);
   auto o = f.Opts(p);
   o.mode = TargetMode::kExisting;
-  o.format_given = true;
+  o.format = "raw";
   ASSERT_TRUE(f.registry->StartBackups({o}).ok());
   ASSERT_TRUE(WaitFor([&] { return f.Ended("drive0"); }));
   EXPECT_EQ(f.Info("drive0")->result, JobResult::kSuccess);
