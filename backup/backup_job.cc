@@ -75,11 +75,13 @@ BackupJob::BackupJob(JobParams p)
       hook_(std::make_shared<Hook>(this)),
       cbw_pool_(WorkerPool::Create("job '" + p.options.job_id + "' cbw", kMaxCbwWorkers,
                                    std::chrono::seconds(10))),
+      on_bitmap_end_(std::move(p.on_bitmap_end)),
       started_(RealSeconds()),
       target_(std::move(p.target)),
       clusters_(nclusters_),
       speed_(p.options.speed),
-      limiter_(p.options.speed, chunk_size_, p.cluster_size, MonoNs()) {}
+      limiter_(p.options.speed, chunk_size_, p.cluster_size, MonoNs()),
+      len_(p.drive->size()) {}
 
 BackupJob::~BackupJob() {
   cbw_pool_->Stop();
@@ -174,12 +176,37 @@ void BackupJob::FinishClaimLocked(const Run& run, bool ok, uint64_t data_bytes, 
                                   bool cbw) {
   clusters_.Finish(run.c0, run.c1, ok);
   if (ok) {
-    offset_ += data_bytes + zero_bytes;
-    skipped_bytes_ += zero_bytes;
+    // Progress counts the copy set only (sync=bitmap); copies of other
+    // clusters (for the view) are CBW work.
+    uint64_t in_set = data_bytes + zero_bytes;
+    if (clusters_.restricted()) {
+      const uint64_t n = clusters_.CopySetCount(run.c0, run.c1);
+      in_set = n == run.c1 - run.c0 ? in_set : std::min(in_set, n * cluster_size_);
+    }
+    offset_ += in_set;
+    skipped_bytes_ += std::min(zero_bytes, in_set);
     if (cbw) cbw_bytes_ += data_bytes;
     SampleRateLocked();
   }
   cv_.SignalAll();
+}
+
+void BackupJob::SetCopySet(const DirtyBitmap& frozen) {
+  std::vector<uint64_t> set((nclusters_ + 63) / 64, 0);
+  frozen.ForEachDirty([&](uint64_t off, uint64_t len) {
+    const uint64_t c0 = off / cluster_size_;
+    const uint64_t c1 = std::min(nclusters_, (off + len + cluster_size_ - 1) / cluster_size_);
+    for (uint64_t c = c0; c < c1; ++c) set[c / 64] |= uint64_t{1} << (c % 64);
+  });
+  uint64_t clusters = 0;
+  for (uint64_t w : set) clusters += static_cast<uint64_t>(__builtin_popcountll(w));
+  MutexLock lock(&mu_);
+  clusters_.RestrictCopySet(std::move(set));
+  // Clusters times their size, the last one clipped to the drive.
+  len_ = clusters * cluster_size_;
+  if (nclusters_ > 0 && clusters_.InCopySet(nclusters_ - 1)) {
+    len_ -= nclusters_ * cluster_size_ - size_;
+  }
 }
 
 void BackupJob::SetErrorLocked(int err, std::string message) {
@@ -336,7 +363,7 @@ JobInfo BackupJob::Info() const {
   i.target = target_display_;
   i.sync = options_.sync;
   i.status = status_;
-  i.len = size_;
+  i.len = len_;
   i.offset = offset_;
   i.busy = busy_ && status_ == JobStatus::kRunning;
   i.paused = user_paused_;
@@ -364,7 +391,7 @@ JobInfo BackupJob::Info() const {
     const double dt = now - base.first;
     if (dt > 0.2) i.bytes_per_second = static_cast<double>(offset_ - base.second) / dt;
     if (options_.sync != SyncMode::kNone && i.bytes_per_second > 0) {
-      i.eta_seconds = static_cast<double>(size_ - offset_) / i.bytes_per_second;
+      i.eta_seconds = static_cast<double>(len_ - std::min(len_, offset_)) / i.bytes_per_second;
     }
   }
   return i;
@@ -691,12 +718,12 @@ CopierHost::Halt BackupJob::halt() {
 std::optional<CopierHost::Run> BackupJob::ClaimNext(uint64_t* cursor, uint64_t end,
                                                     uint64_t max_clusters) {
   MutexLock lock(&mu_);
-  const uint64_t c = clusters_.NextDirty(*cursor, end);
+  const uint64_t c = clusters_.NextCopyable(*cursor, end);
   if (c >= std::min(end, nclusters_)) {
     *cursor = std::max(*cursor, std::min(end, nclusters_));
     return std::nullopt;
   }
-  const uint64_t e = clusters_.NextClean(c, std::min(end, c + max_clusters));
+  const uint64_t e = clusters_.NextUncopyable(c, std::min(end, c + max_clusters));
   clusters_.Claim(c, e);  // [c, e) is all dirty: one run
   *cursor = e;
   return Run{c, e};
@@ -704,7 +731,7 @@ std::optional<CopierHost::Run> BackupJob::ClaimNext(uint64_t* cursor, uint64_t e
 
 uint64_t BackupJob::NextDirty(uint64_t from) {
   MutexLock lock(&mu_);
-  return clusters_.NextDirty(from);
+  return clusters_.NextCopyable(from);
 }
 
 void BackupJob::Finish(const Run& run, bool ok, uint64_t data, uint64_t zero) {
@@ -729,7 +756,7 @@ void BackupJob::Consume(uint64_t bytes) {
 
 bool BackupJob::AllDone() {
   MutexLock lock(&mu_);
-  return clusters_.dirty_count() == 0 && clusters_.copying_count() == 0;
+  return clusters_.NextCopyable(0) >= nclusters_ && clusters_.copying_count() == 0;
 }
 
 void BackupJob::Wait(uint64_t ns) {
@@ -921,12 +948,26 @@ void BackupJob::Conclude(Outcome outcome) {
     }
     target.reset();
   }
+  if (on_bitmap_end_) {
+    // The bitmap's fate (SPEC 7) is settled before the job is announced as
+    // ended, so query-block right after BLOCK_JOB_COMPLETED shows it.
+    std::vector<std::pair<uint64_t, uint64_t>> not_copied;
+    {
+      MutexLock lock(&mu_);
+      for (uint64_t c = clusters_.NextCopyable(0); c < nclusters_;) {
+        const uint64_t e = clusters_.NextUncopyable(c);
+        not_copied.emplace_back(c * cluster_size_, ClusterBytes(c, e));
+        c = clusters_.NextCopyable(e);
+      }
+    }
+    on_bitmap_end_(outcome == Outcome::kSuccess, std::move(not_copied));
+  }
   {
     MutexLock lock(&mu_);
     finished_ = RealSeconds();
     Event e;
     e.job_id = id_;
-    e.len = size_;
+    e.len = len_;
     e.offset = offset_;
     e.speed = speed_;
     if (outcome == Outcome::kCancelled) {

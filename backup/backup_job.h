@@ -46,6 +46,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -55,6 +56,7 @@
 
 #include "backup/cluster_map.h"
 #include "backup/copier.h"
+#include "backup/dirty_bitmap.h"
 #include "backup/drive.h"
 #include "backup/event_bus.h"
 #include "backup/job_types.h"
@@ -78,6 +80,11 @@ struct JobParams {
   unsigned queue_depth = 8;           // chunks in flight
   // How long a drive write waits for its copy-before-write (see above).
   std::chrono::milliseconds cbw_timeout{30'000};
+  // With a dirty bitmap (SPEC 7): called once when the job ends, before its
+  // completion is announced, with the outcome and the byte ranges of the
+  // copy set it had not copied.
+  std::function<void(bool success, std::vector<std::pair<uint64_t, uint64_t>> not_copied)>
+      on_bitmap_end;
 };
 
 // One drive-backup job: copy state, CBW hook, background copier, state
@@ -102,6 +109,9 @@ class BackupJob : public std::enable_shared_from_this<BackupJob>, private Copier
   // created -> running, and starts the job thread. Called after the hooks
   // are installed (the point in time).
   void Start() CBW_EXCLUDES(mu_);
+  // sync=bitmap: only the clusters `frozen` marks are the job's to copy
+  // (len counts them). Called at the point in time, before Start.
+  void SetCopySet(const DirtyBitmap& frozen) CBW_EXCLUDES(mu_);
 
   // QMP verbs; messages and errnos as documented on JobRegistry.
   Status Cancel(bool force) CBW_EXCLUDES(mu_);
@@ -214,6 +224,7 @@ class BackupJob : public std::enable_shared_from_this<BackupJob>, private Copier
   const std::chrono::milliseconds cbw_timeout_;
   const std::shared_ptr<WriteHook> hook_;
   const std::shared_ptr<WorkerPool> cbw_pool_;
+  const std::function<void(bool, std::vector<std::pair<uint64_t, uint64_t>>)> on_bitmap_end_;
   const double started_;
   std::thread thread_;
   std::mutex join_mu_;
@@ -243,6 +254,7 @@ class BackupJob : public std::enable_shared_from_this<BackupJob>, private Copier
   std::optional<std::string> error_ CBW_GUARDED_BY(mu_);  // first error, sticky
   uint64_t speed_ CBW_GUARDED_BY(mu_);
   RateLimiter limiter_ CBW_GUARDED_BY(mu_);
+  uint64_t len_ CBW_GUARDED_BY(mu_);  // bytes of the copy set
   uint64_t offset_ CBW_GUARDED_BY(mu_) = 0;
   uint64_t cbw_bytes_ CBW_GUARDED_BY(mu_) = 0;
   uint64_t skipped_bytes_ CBW_GUARDED_BY(mu_) = 0;

@@ -65,6 +65,50 @@ uint64_t ClusterMap::RunEnd(uint64_t from, uint64_t limit) const {
   }
 }
 
+void ClusterMap::RestrictCopySet(std::vector<uint64_t> set) {
+  set.resize(bits_.size(), 0);
+  if (n_ % 64 && !set.empty()) set.back() &= (uint64_t{1} << (n_ % 64)) - 1;
+  set_ = std::move(set);
+}
+
+uint64_t ClusterMap::CopySetCount(uint64_t c0, uint64_t c1) const {
+  c1 = std::min(c1, n_);
+  if (c0 >= c1) return 0;
+  if (set_.empty()) return c1 - c0;
+  uint64_t n = 0;
+  for (uint64_t c = c0; c < c1;) {
+    uint64_t w = c / 64, lo = c % 64, hi = std::min<uint64_t>(64, lo + (c1 - c));
+    uint64_t mask = (hi == 64 ? ~uint64_t{0} : ((uint64_t{1} << hi) - 1)) & (~uint64_t{0} << lo);
+    n += static_cast<uint64_t>(__builtin_popcountll(set_[w] & mask));
+    c += hi - lo;
+  }
+  return n;
+}
+
+uint64_t ClusterMap::NextWith(uint64_t from, uint64_t limit, bool copyable) const {
+  limit = std::min(limit, n_);
+  if (from >= limit) return limit;
+  auto word = [&](uint64_t w) {
+    uint64_t v = bits_[w] & (set_.empty() ? ~uint64_t{0} : set_[w]);
+    return copyable ? v : ~v;
+  };
+  uint64_t w = from / 64;
+  uint64_t v = word(w) & (~uint64_t{0} << (from % 64));
+  for (;;) {
+    if (v) return std::min(limit, w * 64 + static_cast<uint64_t>(__builtin_ctzll(v)));
+    if (++w >= bits_.size() || w * 64 >= limit) return limit;
+    v = word(w);
+  }
+}
+
+uint64_t ClusterMap::NextCopyable(uint64_t from, uint64_t limit) const {
+  return NextWith(from, limit, true);
+}
+
+uint64_t ClusterMap::NextUncopyable(uint64_t from, uint64_t limit) const {
+  return NextWith(from, limit, false);
+}
+
 bool ClusterMap::AnyCopying(uint64_t c0, uint64_t c1) const {
   for (const auto& [a, b] : copying_) {
     if (a < c1 && c0 < b) return true;

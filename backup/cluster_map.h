@@ -42,6 +42,20 @@ class ClusterMap {
   // is a word scan, never a walk per cluster.
   uint64_t RunEnd(uint64_t from, uint64_t limit = UINT64_MAX) const;
 
+  // The copy set (sync=bitmap): the clusters the background copy must copy;
+  // the others still need their copy before write (so views stay exact) but
+  // do not count as the job's work. Default: every cluster. `set` holds one
+  // bit per cluster (64 per word).
+  void RestrictCopySet(std::vector<uint64_t> set);
+  bool restricted() const { return !set_.empty(); }
+  bool InCopySet(uint64_t c) const { return set_.empty() || ((set_[c / 64] >> (c % 64)) & 1); }
+  // Clusters of the copy set in [c0, c1).
+  uint64_t CopySetCount(uint64_t c0, uint64_t c1) const;
+  // The first cluster in [from, limit) that is dirty and in the copy set /
+  // that is not (limit if none).
+  uint64_t NextCopyable(uint64_t from, uint64_t limit = UINT64_MAX) const;
+  uint64_t NextUncopyable(uint64_t from, uint64_t limit = UINT64_MAX) const;
+
   // Claims every dirty cluster in [c0, c1) for copying; returns the claimed
   // runs [first, second) in ascending order.
   std::vector<std::pair<uint64_t, uint64_t>> Claim(uint64_t c0, uint64_t c1);
@@ -52,7 +66,10 @@ class ClusterMap {
   void SetDirty(uint64_t c0, uint64_t c1, bool dirty);
 
   uint64_t n_;
+  uint64_t NextWith(uint64_t from, uint64_t limit, bool copyable) const;
+
   std::vector<uint64_t> bits_;  // 1 = dirty
+  std::vector<uint64_t> set_;   // 1 = in the copy set; empty: all
   std::vector<std::pair<uint64_t, uint64_t>> copying_;
   uint64_t dirty_count_;
   uint64_t copying_count_ = 0;

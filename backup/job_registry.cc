@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <set>
 
 #include "backup/backup_job.h"
 #include "backup/ids.h"
@@ -32,6 +33,10 @@ Result<std::unique_ptr<JobRegistry>> JobRegistry::Open(std::vector<Drive*> drive
     auto s = JobStore::Open(options.state_dir, options.record_codec);
     if (!s.ok()) return s.status();
     store = std::move(*s);
+    // Bitmaps live beside the records: an unusable place ends the start too.
+    for (Drive* d : drives) {
+      if (auto b = BitmapStore::Open(options.state_dir, d->name()); !b.ok()) return b.status();
+    }
   }
   auto r = std::make_unique<JobRegistry>(std::move(drives), bus, std::move(options));
   if (!store) return r;
@@ -89,17 +94,75 @@ Result<std::unique_ptr<JobRegistry>> JobRegistry::Open(std::vector<Drive*> drive
 }
 
 JobRegistry::JobRegistry(std::vector<Drive*> drives, EventBus* bus, RegistryOptions options)
-    : drives_(std::move(drives)), bus_(bus), options_(std::move(options)) {}
+    : drives_(std::move(drives)), bus_(bus), options_(std::move(options)) {
+  DriveBitmaps::Options bo;
+  bo.default_granularity = options_.cluster_size;
+  bo.region_size = options_.bitmap_region_size;
+  for (Drive* d : drives_) {
+    std::unique_ptr<BitmapStore> store;
+    if (!options_.state_dir.empty()) {
+      auto s = BitmapStore::Open(options_.state_dir, d->name());
+      if (s.ok()) {
+        store = std::move(*s);
+      } else {
+        LogError("bitmaps of drive '" + d->name() + "' cannot persist: " + s.status().message());
+      }
+    }
+    bitmaps_.push_back(std::make_unique<DriveBitmaps>(d, std::move(store), bo));
+    bitmaps_.back()->Start();
+  }
+}
 
 JobRegistry::~JobRegistry() { Shutdown(); }
 
-void JobRegistry::StartPersister() {
+void JobRegistry::StartBackgroundThreads() {
+  if (!ticker_.joinable() && !options_.state_dir.empty()) {
+    ticker_ = std::thread([this] { RunGuarded("bitmap leases", [&] { TickLoop(); }); });
+  }
   {
     MutexLock lock(&store_mu_);
     if (!store_) return;
   }
   if (persister_.joinable()) return;
   persister_ = std::thread([this] { RunGuarded("record persister", [&] { PersistLoop(); }); });
+}
+
+void JobRegistry::TickLoop() {
+  MutexLock lock(&pmu_);
+  while (!pstop_) {
+    tick_cv_.WaitFor(&lock, std::chrono::seconds(2));
+    if (pstop_) break;
+    lock.Unlock();
+    for (auto& b : bitmaps_) b->Tick();
+    lock.Relock();
+  }
+}
+
+std::vector<BitmapInfo> JobRegistry::Bitmaps(const std::string& drive) const {
+  for (const auto& b : bitmaps_) {
+    if (b->drive()->name() == drive) return b->List();
+  }
+  return {};
+}
+
+BitmapCatalog JobRegistry::Catalog() const {
+  BitmapCatalog c;
+  for (const auto& b : bitmaps_) b->FillCatalog(&c);
+  return c;
+}
+
+std::unique_ptr<DirtyBitmap> JobRegistry::BitmapCopy(const std::string& drive,
+                                                     const std::string& name) const {
+  for (const auto& b : bitmaps_) {
+    if (b->drive()->name() == drive) return b->Copy(name);
+  }
+  return nullptr;
+}
+
+void JobRegistry::SaveBitmapsAtStop() {
+  for (auto& b : bitmaps_) {
+    if (Status s = b->Save(true); !s.ok()) LogError("bitmaps: " + s.message());
+  }
 }
 
 void JobRegistry::PersistLoop() {
@@ -180,20 +243,56 @@ std::shared_ptr<BackupJob> JobRegistry::ListedJob(const std::string& id) const {
 
 Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, CompletionMode mode) {
   if (jobs.empty()) return Status::Error(EINVAL, "No backup to start");
+  std::vector<TxnAction> actions;
+  for (const auto& o : jobs) actions.push_back({o, std::nullopt});
+  return Transaction(actions, mode);
+}
 
-  struct Prepared {
-    BackupOptions options;
-    Drive* drive = nullptr;
-    std::shared_ptr<Target> target;
-  };
-  std::vector<Prepared> prepared;
+// One action of a transaction on its way to the point in time.
+struct JobRegistry::Planned {
+  TxnAction action;
+  Drive* drive = nullptr;           // backup
+  std::optional<BitmapMode> mode;   // backup with a bitmap
+  std::shared_ptr<Target> target;   // backup
+  std::shared_ptr<BackupJob> job;   // backup, once created
+  DriveBitmaps* bitmaps = nullptr;  // the drive's (backup and bitmap actions)
+};
+
+namespace {
+
+BackupBitmapArgs BitmapArgs(const BackupOptions& o) {
+  return {o.device, ToString(o.sync), o.bitmap, o.bitmap_mode};
+}
+
+// Runs the catalog's checks of every action in order (a backup's bitmap
+// use, a bitmap command), as QEMU prepares a transaction's actions.
+template <class Plan>
+Status CheckBitmaps(BitmapCatalog* catalog, std::vector<Plan>& plan, bool grouped) {
+  for (auto& p : plan) {
+    if (p.action.bitmap) {
+      if (Status s = catalog->Apply(*p.action.bitmap, grouped); !s.ok()) return s;
+    } else {
+      auto mode = catalog->UseForBackup(BitmapArgs(*p.action.backup));
+      if (!mode.ok()) return mode.status();
+      p.mode = *mode;
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status JobRegistry::Transaction(const std::vector<TxnAction>& actions, CompletionMode mode) {
+  if (actions.empty()) return Status::Ok();
+  const bool grouped = mode == CompletionMode::kGrouped;
+  std::vector<Planned> plan;
   std::vector<std::string> ids;
   bool ids_reserved = false;
   std::vector<std::string> targets_reserved;
   // A refused command leaves nothing behind: reservations are released and
   // targets it created are removed.
   auto refuse = [&](Status s) CBW_EXCLUDES(mu_) {
-    for (auto& p : prepared) {
+    for (auto& p : plan) {
       if (p.target) p.target->Discard();
     }
     MutexLock lock(&mu_);
@@ -203,42 +302,64 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
     for (const auto& t : targets_reserved) reserved_targets_.erase(t);
     return s;
   };
+  auto bitmaps_of = [&](const std::string& name) -> DriveBitmaps* {
+    for (auto& b : bitmaps_) {
+      if (b->drive()->name() == name) return b.get();
+    }
+    return nullptr;
+  };
 
-  // 1. Under the lock, only lookups: drives, ids (reserved until the end).
+  // 1. Under the lock, only lookups and checks in action order: drives, ids
+  // (reserved until the end), bitmaps (against a catalog that each action
+  // updates, so "add b0, then back up with b0" works).
   {
     MutexLock lock(&mu_);
     if (shut_down_) return Status::Error(ESHUTDOWN, "Shutting down");
+    BitmapCatalog catalog = Catalog();
     std::set<std::string> seen;
-    for (const BackupOptions& in : jobs) {
-      Prepared p;
-      p.options = in;
-      if (p.options.job_id.empty()) p.options.job_id = p.options.device;
-      p.drive = FindDrive(p.options.device);
-      if (p.drive == nullptr) {
-        return Status::Error(ENODEV, "Cannot find device='" + p.options.device +
-                                         "' nor node-name='" + p.options.device + "'");
+    for (const TxnAction& a : actions) {
+      Planned p;
+      p.action = a;
+      if (a.bitmap) {
+        if (Status s = catalog.Apply(*a.bitmap, grouped); !s.ok()) return s;
+        p.bitmaps = bitmaps_of(a.bitmap->node);
+        plan.push_back(std::move(p));
+        continue;
       }
-      const std::string& id = p.options.job_id;
+      BackupOptions& o = *p.action.backup;
+      if (o.job_id.empty()) o.job_id = o.device;
+      p.drive = FindDrive(o.device);
+      if (p.drive == nullptr) {
+        return Status::Error(
+            ENODEV, "Cannot find device='" + o.device + "' nor node-name='" + o.device + "'");
+      }
+      p.bitmaps = bitmaps_of(o.device);
+      auto bm = catalog.UseForBackup(BitmapArgs(o));
+      if (!bm.ok()) return bm.status();
+      p.mode = *bm;
+      const std::string& id = o.job_id;
       if (!IsValidId(id)) return Status::Error(EINVAL, "Invalid job ID '" + id + "'");
       if (FindListed(id) || reserved_ids_.count(id) || !seen.insert(id).second) {
         return Status::Error(EBUSY, "Job ID '" + id + "' already in use");
       }
       ids.push_back(id);
-      prepared.push_back(std::move(p));
+      plan.push_back(std::move(p));
     }
     reserved_ids_.insert(ids.begin(), ids.end());
     ids_reserved = true;
   }
 
   // 2. Without any lock: open the targets (filesystem I/O on user paths).
-  for (auto& p : prepared) {
+  for (auto& p : plan) {
+    if (!p.action.backup) continue;
+    const BackupOptions& o = *p.action.backup;
     TargetRequest req;
-    req.spec = p.options.target;
+    req.spec = o.target;
     req.base_dir = options_.base_dir;
     req.mountpoint = options_.mountpoint;
     req.mount_dev = mount_dev_.load();
-    req.mode = p.options.mode;
-    req.format = p.options.format;
+    req.mode = o.mode;
+    req.format = o.format;
     req.size = p.drive->size();
     Result<std::shared_ptr<Target>> t = OpenTarget(req, drives_);
     if (!t.ok()) return refuse(t.status());
@@ -248,61 +369,77 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
   // 3. Under the lock: no target may be another live (or starting) job's.
   {
     MutexLock lock(&mu_);
-    for (auto& p : prepared) {
+    for (auto& p : plan) {
+      if (!p.target) continue;
       const std::string& key = p.target->identity();
       std::optional<std::string> user;
       for (const auto& j : jobs_) {
         if (j->live() && j->target_identity() == key) user = j->id();
       }
       if (!user && reserved_targets_.count(key)) user = "(starting)";
-      for (const auto& q : prepared) {
-        if (&q != &p && q.target && q.target->identity() == key) user = q.options.job_id;
+      for (const auto& q : plan) {
+        if (&q != &p && q.target && q.target->identity() == key) user = q.action.backup->job_id;
       }
       if (user) {
         lock.Unlock();
         return refuse(Status::Error(
-            EBUSY, "Target '" + p.options.target + "' is in use by job '" + *user + "'"));
+            EBUSY, "Target '" + p.action.backup->target + "' is in use by job '" + *user + "'"));
       }
     }
-    for (auto& p : prepared) {
+    for (auto& p : plan) {
+      if (!p.target) continue;
       reserved_targets_.insert(p.target->identity());
       targets_reserved.push_back(p.target->identity());
     }
   }
 
   // 4. Everything is validated: only now is any existing target changed.
-  for (auto& p : prepared) {
+  for (auto& p : plan) {
+    if (!p.target) continue;
     if (Status s = p.target->Prepare(); !s.ok()) return refuse(s);
   }
 
-  // 5. The jobs, announced; then the point in time of every job of the
-  // transaction, with no registry lock held (it waits for writes in flight).
+  // 5. The jobs (not yet announced or started).
   auto txn = std::make_shared<Txn>(mode);
   std::vector<std::shared_ptr<BackupJob>> started;
-  std::vector<std::pair<Drive*, std::shared_ptr<WriteHook>>> hooks;
-  for (auto& p : prepared) {
+  for (auto& p : plan) {
+    if (!p.action.backup) continue;
     JobParams params;
-    params.options = p.options;
+    params.options = *p.action.backup;
     params.drive = p.drive;
     params.target = p.target;
     params.bus = bus_;
     params.txn = txn;
     params.cluster_size = options_.cluster_size;
     params.cbw_timeout = std::chrono::milliseconds(options_.cbw_timeout_ms);
-    auto job = std::make_shared<BackupJob>(std::move(params));
-    txn->Add(job);
-    hooks.emplace_back(p.drive, job->hook());
-    started.push_back(std::move(job));
+    if (p.mode) {
+      DriveBitmaps* db = p.bitmaps;
+      const std::string name = *params.options.bitmap;
+      const BitmapMode bm = *p.mode;
+      params.on_bitmap_end = [db, name, bm](bool ok,
+                                            std::vector<std::pair<uint64_t, uint64_t>> not_copied) {
+        Drive::AtPointInTime({db->drive()}, [&] { db->EndJob(name, bm, ok, not_copied); });
+        if (Status s = db->Save(false); !s.ok()) LogError("bitmaps: " + s.message());
+      };
+    }
+    p.job = std::make_shared<BackupJob>(std::move(params));
+    txn->Add(p.job);
+    started.push_back(p.job);
   }
-  for (auto& job : started) job->Announce();
+
+  // 6. The point in time of every action, with no registry lock held (it
+  // waits for writes in flight).
   if (options_.before_point_in_time) {
     std::vector<Drive*> drives;
-    for (const auto& p : prepared) drives.push_back(p.drive);
-    options_.before_point_in_time(drives);
+    for (const auto& p : plan) {
+      if (p.drive) drives.push_back(p.drive);
+    }
+    if (!drives.empty()) options_.before_point_in_time(drives);
   }
-  Drive::InstallHooks(hooks);
+  if (Status s = ApplyAtPointInTime(plan, grouped); !s.ok()) return refuse(s);
+  for (auto& job : started) job->Announce();
 
-  // 6. Listed; ended records with the same ids are replaced.
+  // 7. Listed; ended records with the same ids are replaced.
   std::vector<std::shared_ptr<BackupJob>> replaced;
   std::vector<std::string> dropped;
   {
@@ -330,12 +467,74 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
     LogInfo("job '" + job->id() + "' started: drive '" + job->drive()->name() + "' -> '" +
             job->target_display() + "'");
   }
+  // 8. Bitmaps on disk: removed ones go, the others are saved as they are
+  // now (a frozen one with its successor).
+  std::set<DriveBitmaps*> to_save;
+  for (const auto& p : plan) {
+    if (!p.bitmaps || !p.bitmaps->can_persist()) continue;
+    if (p.action.bitmap && p.action.bitmap->kind == BitmapAction::Kind::kRemove) {
+      if (Status s = p.bitmaps->Forget(p.action.bitmap->name); !s.ok()) {
+        LogError("bitmaps: " + s.message());
+      }
+    }
+    if (p.action.bitmap || p.mode) to_save.insert(p.bitmaps);
+  }
+  for (DriveBitmaps* b : to_save) {
+    if (Status s = b->Save(false); !s.ok()) LogError("bitmaps: " + s.message());
+  }
+  for (const auto& p : plan) {
+    if (p.action.bitmap) {
+      LogInfo(std::string(ToString(p.action.bitmap->kind)) + ": drive '" + p.action.bitmap->node +
+              "', bitmap '" + p.action.bitmap->name + "'");
+    }
+  }
   DropRecords(dropped);
   // A started job has its record on disk before drive-backup returns, so a
   // crash right after cannot lose it (later changes go via the persister).
   for (auto& job : started) Persist(job->id());
   for (auto& j : replaced) j->Join();
   return Status::Ok();
+}
+
+Status JobRegistry::ApplyAtPointInTime(std::vector<Planned>& plan, bool grouped) {
+  std::vector<Drive*> drives;
+  for (const auto& p : plan) {
+    if (p.drive) drives.push_back(p.drive);
+    if (p.bitmaps) drives.push_back(p.bitmaps->drive());
+    if (p.action.bitmap) {
+      for (const auto& [node, name] : p.action.bitmap->sources) {
+        if (Drive* d = FindDrive(node)) drives.push_back(d);
+      }
+    }
+  }
+  Status result;
+  Drive::AtPointInTime(drives, [&] {
+    // The bitmaps may have changed since the checks (another command): run
+    // them again on what is there now, with every drive held still.
+    BitmapCatalog catalog = Catalog();
+    if (Status s = CheckBitmaps(&catalog, plan, grouped); !s.ok()) {
+      result = s;
+      return;
+    }
+    auto source = [this](const std::string& node, const std::string& name) {
+      return BitmapCopy(node, name);
+    };
+    for (auto& p : plan) {
+      if (p.action.bitmap) {
+        p.bitmaps->Apply(*p.action.bitmap, source);
+        continue;
+      }
+      if (p.mode) {
+        std::unique_ptr<DirtyBitmap> frozen = p.bitmaps->Freeze(*p.action.backup->bitmap);
+        const SyncMode sync = p.action.backup->sync;
+        if (frozen && (sync == SyncMode::kBitmap || sync == SyncMode::kIncremental)) {
+          p.job->SetCopySet(*frozen);
+        }
+      }
+      p.drive->AddHookWithGateClosed(p.job->hook());
+    }
+  });
+  return result;
 }
 
 std::vector<std::shared_ptr<BackupJob>> JobRegistry::PruneLocked(
@@ -531,14 +730,14 @@ void JobRegistry::Shutdown() {
     // The final records (cancelled, ...) are on disk before we return.
     for (auto& j : jobs) Persist(j->id());
   }
-  if (persister_.joinable()) {
-    {
-      MutexLock lock(&pmu_);
-      pstop_ = true;
-      pcv_.Signal();
-    }
-    persister_.join();
+  {
+    MutexLock lock(&pmu_);
+    pstop_ = true;
+    pcv_.Signal();
+    tick_cv_.Signal();
   }
+  if (persister_.joinable()) persister_.join();
+  if (ticker_.joinable()) ticker_.join();
 }
 
 }  // namespace cbw::backup

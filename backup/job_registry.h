@@ -12,7 +12,9 @@
 #include <thread>
 #include <vector>
 
+#include "backup/bitmap_catalog.h"
 #include "backup/drive.h"
+#include "backup/drive_bitmaps.h"
 #include "backup/event_bus.h"
 #include "backup/job_record_codec.h"
 #include "backup/job_types.h"
@@ -23,6 +25,13 @@ namespace cbw::backup {
 
 class BackupJob;
 class JobStore;
+
+// One action of a transaction (or a single command): a drive-backup or a
+// dirty-bitmap command.
+struct TxnAction {
+  std::optional<BackupOptions> backup;
+  std::optional<BitmapAction> bitmap;
+};
 
 struct RegistryOptions {
   uint64_t cluster_size = 64 * 1024;
@@ -49,6 +58,8 @@ struct RegistryOptions {
   // How often a running job's record is rewritten with its progress, so a
   // killed daemon's record shows the last known offset.
   uint32_t progress_save_ms = 5'000;
+  // Journal region of persistent bitmaps (see DriveBitmaps).
+  uint64_t bitmap_region_size = 64ull << 20;
   // Called, with no lock held, just before a command fixes a point in time
   // on these drives (fs/ writes back the kernel's cached dirty pages of a
   // drive in writeback-cache mode, SPEC 9). Null: nothing to do.
@@ -109,10 +120,11 @@ class JobRegistry {
 
   // The st_dev of the cbwfs mount, once mounted: targets on it are refused.
   void SetMountDevice(dev_t dev) { mount_dev_.store(dev); }
-  // Starts the record persister (with a state dir). Call once the process
+  // Starts the background threads: the record persister (with a state dir)
+  // and the renewal of persistent bitmaps' leases. Call once the process
   // runs as it will (after daemonizing: a thread started before a fork does
-  // not exist in the child). Records of jobs started before are written too.
-  void StartPersister() CBW_EXCLUDES(mu_, pmu_);
+  // not exist in the child).
+  void StartBackgroundThreads() CBW_EXCLUDES(mu_, pmu_);
 
   // Starts one job per element at one common point in time: all are validated
   // and their targets prepared first; if any fails, none starts, nothing is
@@ -121,6 +133,21 @@ class JobRegistry {
   // one job cancels the others.
   Status StartBackups(const std::vector<BackupOptions>& jobs,
                       CompletionMode mode = CompletionMode::kIndividual) CBW_EXCLUDES(mu_);
+  // A QMP transaction (or one command): drive-backups and dirty-bitmap
+  // commands checked in order (QEMU's texts; the first failure refuses all),
+  // then applied at one common point in time: all or nothing.
+  Status Transaction(const std::vector<TxnAction>& actions,
+                     CompletionMode mode = CompletionMode::kIndividual) CBW_EXCLUDES(mu_);
+
+  // Dirty bitmaps (SPEC 7): what query-block shows per drive, and the state
+  // the checks of a command run against (a snapshot; see BitmapCatalog).
+  std::vector<BitmapInfo> Bitmaps(const std::string& drive) const;
+  BitmapCatalog Catalog() const;
+  // A copy of a bitmap's bits (tests); null if there is none.
+  std::unique_ptr<DirtyBitmap> BitmapCopy(const std::string& drive, const std::string& name) const;
+  // At a clean stop, after the last write (the mount is gone and the drives
+  // flushed): saves every persistent bitmap with the source's final state.
+  void SaveBitmapsAtStop();
 
   // QMP verbs. `force` is accepted for block-job-cancel; backup cancels are
   // always hard, but a user-paused job without force is refused as QEMU does
@@ -172,7 +199,15 @@ class JobRegistry {
   std::vector<std::shared_ptr<BackupJob>> PruneLocked(std::vector<std::string>* dropped)
       CBW_REQUIRES(mu_);
 
+  // The transaction's point in time: re-checks every action against the
+  // bitmaps as they are now (gate closed) and, if all pass, applies them.
+  struct Planned;
+  Status ApplyAtPointInTime(std::vector<Planned>& plan, bool grouped);
+  void TickLoop();
+
   const std::vector<Drive*> drives_;
+  // One per drive, same order; their hooks are installed at construction.
+  std::vector<std::unique_ptr<DriveBitmaps>> bitmaps_;
   EventBus* const bus_;
   const RegistryOptions options_;
   std::atomic<dev_t> mount_dev_{0};
@@ -198,6 +233,8 @@ class JobRegistry {
   bool pstop_ CBW_GUARDED_BY(pmu_) = false;
   uint64_t token_ = 0;
   std::thread persister_;
+  std::thread ticker_;  // bitmap leases; stops with pstop_
+  CondVar tick_cv_;     // with pmu_
 };
 
 }  // namespace cbw::backup

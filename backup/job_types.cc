@@ -10,6 +10,10 @@ const char* ToString(SyncMode v) {
       return "top";
     case SyncMode::kNone:
       return "none";
+    case SyncMode::kIncremental:
+      return "incremental";
+    case SyncMode::kBitmap:
+      return "bitmap";
   }
   return "full";
 }

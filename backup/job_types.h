@@ -8,7 +8,7 @@ namespace cbw::backup {
 
 // Plain value types shared by the engine and its callers (control/, fs/).
 
-enum class SyncMode { kFull, kTop, kNone };
+enum class SyncMode { kFull, kTop, kNone, kIncremental, kBitmap };
 enum class TargetMode { kAbsolutePaths, kExisting };
 enum class ErrorPolicy { kReport, kIgnore, kStop, kEnospc };
 enum class CbwErrorPolicy { kBreakSnapshot, kBreakGuestWrite };
@@ -67,6 +67,10 @@ struct BackupOptions {
   // raw, except that with mode existing the target's magic is probed (a
   // qcow2 image is written as qcow2, other image formats are refused).
   std::optional<std::string> format;
+  // A dirty bitmap of the drive and what to do with it (SPEC 7), as given;
+  // the registry checks them (BitmapCatalog::UseForBackup).
+  std::optional<std::string> bitmap;
+  std::optional<std::string> bitmap_mode;
 };
 
 // A consistent copy of one job's state (SPEC section 4), taken under the

@@ -128,7 +128,7 @@ int Run(int argc, char** argv) {
     // Only the detached child gets here; the parent exited in Daemonize.
   }
   // Threads start here, in the process that serves (fork keeps none).
-  registry.StartPersister();
+  registry.StartBackgroundThreads();
   fs.Start();
   LogInfo(std::string("mounted on ") + real);
   s = session.Loop([&] {

@@ -369,21 +369,24 @@ TEST_F(FaultTest, WriteWaitsForInFlightCopyOfItsCluster) {
 }
 
 // The copy a writer waits for fails: the cluster is dirty again and the
-// writer copies it itself before writing.
+// writer copies it itself before writing. (With on-target-error=stop the
+// failed copier waits for a resume, so the writer surely gets there first.)
 TEST_F(FaultTest, FailedCopyIsRedoneByTheWaitingWriter) {
   MakeDrive(RandomBytes(2 * kMiB, 14), false);
   EventRecorder rec(&bus_);
   SetFaults("tgt.img write slow=400 0 1048576 1\ntgt.img write eio 0 1048576 1\n");
   auto o = Opts();
-  o.on_target_error = ErrorPolicy::kIgnore;
+  o.on_target_error = ErrorPolicy::kStop;
   ASSERT_TRUE(registry_->StartBackups({o}).ok());
   ASSERT_TRUE(WaitHeld());  // the copier's copy of the cluster is in flight
   std::string w(100, 'w');
   ASSERT_TRUE(drive_->Write(w.data(), w.size(), 5000).ok());
+  EXPECT_EQ(Info()->cbw_bytes, 65536u);
+  ASSERT_TRUE(WaitFor([&] { return Status(JobStatus::kPaused); }));
+  ASSERT_TRUE(registry_->Resume("drive0").ok());
   ASSERT_TRUE(WaitFor([&] { return Ended(); }));
   EXPECT_EQ(Info()->result, JobResult::kSuccess);
-  EXPECT_EQ(Info()->cbw_bytes, 65536u);
-  EXPECT_NE(rec.Sequence("drive0").find("ERROR(write,ignore)"), std::string::npos);
+  EXPECT_NE(rec.Sequence("drive0").find("ERROR(write,stop)"), std::string::npos);
   EXPECT_TRUE(SameBytes(Target(), data_));
 }
 

@@ -175,7 +175,7 @@ struct StateFixture {
     auto r = JobRegistry::Open({drive.get()}, &bus, o);
     if (!r.ok()) std::abort();
     registry = std::move(*r);
-    registry->StartPersister();
+    registry->StartBackgroundThreads();
   }
   BackupOptions Opts(const std::string& id, uint64_t speed = 0) {
     BackupOptions o;

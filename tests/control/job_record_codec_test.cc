@@ -349,7 +349,7 @@ class PersistedRegistry : public ::testing::Test {
     auto r = backup::JobRegistry::Open({drive_.get()}, &bus_, o);
     ASSERT_TRUE(r.ok()) << r.status().message();
     registry_ = std::move(*r);
-    registry_->StartPersister();
+    registry_->StartBackgroundThreads();
   }
   std::string Record(const std::string& id) {
     std::ifstream in(dir_ + "/state/" + id + ".json", std::ios::binary);
