@@ -61,7 +61,7 @@ Result<const BitmapCatalog::Meta*> BitmapCatalog::Lookup(const std::string& node
                                                          const std::string& name) const {
   if (!drives_.count(node)) return Status::Error(ENODEV, "Node '" + node + "' not found");
   const Meta* m = Find(node, name);
-  if (m == nullptr) return Status::Error(ENOENT, "Dirty bitmap '" + name + "' not found");
+  if (m == nullptr) return Status::Error(EINVAL, "Dirty bitmap '" + name + "' not found");
   return m;
 }
 
@@ -90,7 +90,7 @@ Status BitmapCatalog::Apply(const BitmapAction& a, bool grouped) {
       }
       if (a.name.size() > 1023) return Status::Error(EINVAL, "Bitmap name is too long");
       if (Find(a.node, a.name)) {
-        return Status::Error(EEXIST, "Bitmap already exists: " + a.name);
+        return Status::Error(EBUSY, "Bitmap already exists: " + a.name);
       }
       Meta m;
       m.granularity = g;
@@ -123,7 +123,7 @@ Status BitmapCatalog::Apply(const BitmapAction& a, bool grouped) {
       for (const auto& [node, name] : a.sources) {
         if (node.empty()) {
           if (!Find(a.node, name))
-            return Status::Error(ENOENT, "Dirty bitmap '" + name + "' not found");
+            return Status::Error(EINVAL, "Dirty bitmap '" + name + "' not found");
         } else {
           auto src = Lookup(node, name);
           if (!src.ok()) return src.status();
@@ -159,7 +159,7 @@ Result<std::optional<BitmapMode>> BitmapCatalog::UseForBackup(const BackupBitmap
   if (a.bitmap) {
     const Meta* m = Find(a.device, *a.bitmap);
     if (m == nullptr) {
-      return Status::Error(ENOENT, "Bitmap '" + *a.bitmap + "' could not be found");
+      return Status::Error(EINVAL, "Bitmap '" + *a.bitmap + "' could not be found");
     }
     if (!mode)
       return Status::Error(EINVAL, "Bitmap sync mode must be given when providing a bitmap");

@@ -57,8 +57,9 @@ struct BackupBitmapArgs {
 //
 // Every check follows QEMU 7.2 (blockdev.c do_backup_common,
 // block/monitor/bitmap-qmp-cmds.c, block/dirty-bitmap.c): the same order and
-// texts, with SPEC 2.2's errnos (ENODEV no such drive, ENOENT no such bitmap,
-// EEXIST already exists, EBUSY in use, EINVAL anything else). Not
+// texts, with SPEC 2.2's errnos: ENODEV for no such drive, EBUSY for a
+// bitmap in use or a name taken, EINVAL for anything else (a bitmap that
+// does not exist is a bad value, as is a bad granularity). Not
 // thread-safe (a value).
 class BitmapCatalog {
  public:

@@ -326,6 +326,10 @@ Status Drive::ZeroSource(int mode, uint64_t off, uint64_t len) {
   return PwriteZeroes(fd_.get(), b, off + len - b, "write to source");
 }
 
+bool Drive::Quiesce(std::chrono::milliseconds timeout) {
+  return slow_->WaitIdle(std::chrono::steady_clock::now() + timeout);
+}
+
 Status Drive::Flush(bool datasync) {
   int r = datasync ? fdatasync(fd_.get()) : fsync(fd_.get());
   if (r != 0) return Status::FromErrno(errno, "fsync of '" + path_ + "'");

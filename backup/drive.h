@@ -3,6 +3,7 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -112,6 +113,9 @@ class Drive {
   Status ZeroRange(uint64_t off, uint64_t len);
   // fdatasync (datasync) or fsync of the source.
   Status Flush(bool datasync);
+  // Waits (at most `timeout`) until no operation is still on the slow path;
+  // true if none is. For the end of a stop: then nothing writes any more.
+  bool Quiesce(std::chrono::milliseconds timeout);
   // lseek(SEEK_DATA / SEEK_HOLE) on the source; ENXIO past the data.
   Result<uint64_t> Seek(uint64_t off, int whence) const;
   // Used bytes of the source (st_blocks * 512), for query-block.

@@ -141,6 +141,11 @@ std::vector<JobInfo> JobStore::Load() {
       unlinkat(dir_fd_.get(), n.c_str(), 0);
       continue;
     }
+    // Subdirectories belong to others (bitmaps/, the dirty bitmaps' files).
+    struct stat sub {};
+    if (fstatat(dir_fd_.get(), n.c_str(), &sub, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(sub.st_mode)) {
+      continue;
+    }
     const std::string_view suffix = codec_->FileSuffix();
     const std::string id = n.substr(0, n.size() - std::min(n.size(), suffix.size()));
     if (!EndsWith(n, suffix) || !IsValidId(id)) {

@@ -48,6 +48,10 @@ class ArgReader {
   // Reports the first member that was never read ("Parameter 'x' is
   // unexpected"). Returns ok().
   bool Finish();
+  // Records an error found by the caller (the first one wins).
+  void SetError(QmpError e) {
+    if (!error_) error_ = std::move(e);
+  }
 
   bool ok() const { return !error_.has_value(); }
   const std::optional<QmpError>& error() const { return error_; }

@@ -126,7 +126,8 @@ bool ReadBackupArgs(ArgReader& r, BackupArgs* out) {
 // QEMU's order: device lookup, format, bitmap arguments (do_backup_common),
 // compression, job id, speed. What needs the world beyond a lookup (the
 // target, id collisions) is the registry's.
-std::optional<QmpError> CheckBackup(const Context& ctx, BackupArgs* a) {
+std::optional<QmpError> CheckBackup(const Context& ctx, BackupArgs* a,
+                                    backup::BitmapCatalog* catalog) {
   backup::BackupOptions& o = a->options;
   if (ctx.registry->FindDrive(o.device) == nullptr) {
     return GenericError(ENODEV,
@@ -137,21 +138,12 @@ std::optional<QmpError> CheckBackup(const Context& ctx, BackupArgs* a) {
       return GenericError(EINVAL, "Unknown file format '" + *a->format + "'");
     o.format = *a->format;
   }
-  const bool needs_bitmap = a->sync == "incremental" || a->sync == "bitmap";
-  if (needs_bitmap && !a->bitmap) {
-    return GenericError(EINVAL, "must provide a valid bitmap name for '" + a->sync + "' sync mode");
-  }
-  if (a->bitmap) {
-    if (a->sync == "incremental" && a->bitmap_mode && *a->bitmap_mode != "on-success") {
-      return GenericError(
-          EINVAL, "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'");
-    }
-    // cbwfs has no dirty bitmaps yet, so no name can be found.
-    return GenericError(EINVAL, "Bitmap '" + *a->bitmap + "' could not be found");
-  }
-  if (a->bitmap_mode) {
-    return GenericError(EINVAL, "Cannot specify bitmap sync mode without a bitmap");
-  }
+  // do_backup_common's bitmap checks, against the bitmaps as they are (or,
+  // in a transaction, as the earlier actions leave them).
+  auto mode = catalog->UseForBackup({o.device, a->sync, a->bitmap, a->bitmap_mode});
+  if (!mode.ok()) return FromStatus(mode.status(), Family::kOther, "");
+  o.bitmap = a->bitmap;
+  if (*mode) o.bitmap_mode = backup::ToString(**mode);
   if (a->compress) {
     return GenericError(EINVAL, "Compression is not supported for this drive " + o.device);
   }
@@ -171,9 +163,11 @@ std::optional<QmpError> CheckBackup(const Context& ctx, BackupArgs* a) {
     return GenericError(EINVAL, "Parameter 'speed' expects a non-negative value");
   }
   o.speed = static_cast<uint64_t>(a->speed);
-  o.sync = a->sync == "none"  ? backup::SyncMode::kNone
-           : a->sync == "top" ? backup::SyncMode::kTop
-                              : backup::SyncMode::kFull;
+  o.sync = a->sync == "none"          ? backup::SyncMode::kNone
+           : a->sync == "top"         ? backup::SyncMode::kTop
+           : a->sync == "incremental" ? backup::SyncMode::kIncremental
+           : a->sync == "bitmap"      ? backup::SyncMode::kBitmap
+                                      : backup::SyncMode::kFull;
   if (ctx.options->vet_backup) {
     backup::Status s = ctx.options->vet_backup(&o);
     if (!s.ok()) return FromStatus(s, Family::kOther, "");
@@ -181,10 +175,10 @@ std::optional<QmpError> CheckBackup(const Context& ctx, BackupArgs* a) {
   return std::nullopt;
 }
 
-Reply StartBackups(const Context& ctx, const std::vector<backup::BackupOptions>& jobs,
-                   backup::CompletionMode mode) {
-  if (jobs.empty()) return Return(ordered_json::object());
-  backup::Status s = ctx.registry->StartBackups(jobs, mode);
+Reply RunActions(const Context& ctx, const std::vector<backup::TxnAction>& actions,
+                 backup::CompletionMode mode) {
+  if (actions.empty()) return Return(ordered_json::object());
+  backup::Status s = ctx.registry->Transaction(actions, mode);
   if (!s.ok()) return Fail(FromStatus(s, Family::kOther, ""));
   return Return(ordered_json::object());
 }
@@ -193,17 +187,85 @@ Reply DriveBackup(const Context& ctx, const ordered_json& args) {
   ArgReader r(args, "");
   BackupArgs a;
   if (!ReadBackupArgs(r, &a)) return Fail(*r.error());
-  if (auto e = CheckBackup(ctx, &a)) return Fail(std::move(*e));
-  return StartBackups(ctx, {a.options}, backup::CompletionMode::kIndividual);
+  backup::BitmapCatalog catalog = ctx.registry->Catalog();
+  if (auto e = CheckBackup(ctx, &a, &catalog)) return Fail(std::move(*e));
+  return RunActions(ctx, {{a.options, std::nullopt}}, backup::CompletionMode::kIndividual);
+}
+
+// ---- dirty bitmaps ------------------------------------------------------
+
+using BitmapKind = backup::BitmapAction::Kind;
+
+// Reads one bitmap command's arguments in QEMU's schema order.
+bool ReadBitmapArgs(ArgReader& r, BitmapKind kind, backup::BitmapAction* out) {
+  out->kind = kind;
+  if (auto v = r.String("node", true)) out->node = *v;
+  if (kind == BitmapKind::kMerge) {
+    if (auto v = r.String("target", true)) out->name = *v;
+    if (const ordered_json* list = r.Array("bitmaps", true)) {
+      for (size_t i = 0; i < list->size(); ++i) {
+        const ordered_json& e = (*list)[i];
+        const std::string name = r.FullName("bitmaps") + "[" + std::to_string(i) + "]";
+        if (e.is_string()) {
+          out->sources.emplace_back("", e.get<std::string>());
+        } else if (e.is_object()) {
+          ArgReader er(e, name);
+          auto node = er.String("node", true);
+          auto bname = er.String("name", true);
+          if (!er.Finish()) {
+            r.SetError(*er.error());
+            return false;
+          }
+          out->sources.emplace_back(*node, *bname);
+        } else {
+          r.SetError(GenericError(EINVAL, "Invalid parameter type for '" + name +
+                                              "', expected: BlockDirtyBitmapOrStr"));
+          return false;
+        }
+      }
+    }
+    return r.Finish();
+  }
+  if (auto v = r.String("name", true)) out->name = *v;
+  if (kind == BitmapKind::kAdd) {
+    if (auto v = r.Int("granularity", false)) {
+      if (*v < 0 || *v > 0xffffffffll) {
+        r.SetError(GenericError(EINVAL, "Parameter 'granularity' expects uint32_t"));
+        return false;
+      }
+      out->granularity = static_cast<uint64_t>(*v);
+    }
+    if (auto v = r.Bool("persistent", false)) out->persistent = *v;
+    if (auto v = r.Bool("disabled", false)) out->disabled = *v;
+  }
+  return r.Finish();
+}
+
+template <BitmapKind kKind>
+Reply BitmapCommand(const Context& ctx, const ordered_json& args) {
+  ArgReader r(args, "");
+  backup::BitmapAction a;
+  if (!ReadBitmapArgs(r, kKind, &a)) return Fail(*r.error());
+  return RunActions(ctx, {{std::nullopt, a}}, backup::CompletionMode::kIndividual);
 }
 
 // ---- transaction --------------------------------------------------------
 
-// One action: a drive-backup, or QEMU's "abort" (which fails the whole
-// transaction; handy for testing all-or-nothing).
+// One action: a drive-backup, a dirty-bitmap command, or QEMU's "abort"
+// (which fails the whole transaction; handy for testing all-or-nothing).
 struct Action {
   bool abort = false;
+  std::optional<backup::BitmapAction> bitmap;
   BackupArgs backup;
+};
+
+constexpr std::pair<const char*, BitmapKind> kBitmapActions[] = {
+    {"block-dirty-bitmap-add", BitmapKind::kAdd},
+    {"block-dirty-bitmap-remove", BitmapKind::kRemove},
+    {"block-dirty-bitmap-clear", BitmapKind::kClear},
+    {"block-dirty-bitmap-enable", BitmapKind::kEnable},
+    {"block-dirty-bitmap-disable", BitmapKind::kDisable},
+    {"block-dirty-bitmap-merge", BitmapKind::kMerge},
 };
 
 Reply Transaction(const Context& ctx, const ordered_json& args) {
@@ -221,15 +283,26 @@ Reply Transaction(const Context& ctx, const ordered_json& args) {
       }
       ArgReader ar(element, name);
       Action action;
-      std::optional<std::string> type = ar.Enum("type", {"abort", "drive-backup"}, true);
+      std::optional<std::string> type =
+          ar.Enum("type",
+                  {"abort", "block-dirty-bitmap-add", "block-dirty-bitmap-clear",
+                   "block-dirty-bitmap-disable", "block-dirty-bitmap-enable",
+                   "block-dirty-bitmap-merge", "block-dirty-bitmap-remove", "drive-backup"},
+                  true);
       const ordered_json* data = ar.Object("data", true);
       if (!ar.ok()) return Fail(*ar.error());
       ArgReader dr(*data, ar.FullName("data"));
       if (*type == "abort") {
         action.abort = true;
         dr.Finish();
-      } else {
+      } else if (*type == "drive-backup") {
         ReadBackupArgs(dr, &action.backup);
+      } else {
+        for (const auto& [name, kind] : kBitmapActions) {
+          if (*type != name) continue;
+          action.bitmap.emplace();
+          ReadBitmapArgs(dr, kind, &*action.bitmap);
+        }
       }
       if (!dr.ok()) return Fail(*dr.error());
       if (!ar.Finish()) return Fail(*ar.error());
@@ -245,16 +318,25 @@ Reply Transaction(const Context& ctx, const ordered_json& args) {
   }
   if (!r.Finish()) return Fail(*r.error());
 
-  // Then each action is prepared in order; the first failure aborts all.
-  std::vector<backup::BackupOptions> jobs;
+  // Then each action is prepared in order, each seeing what the earlier ones
+  // did to the bitmaps; the first failure aborts all.
+  backup::BitmapCatalog catalog = ctx.registry->Catalog();
+  const bool grouped = mode == backup::CompletionMode::kGrouped;
+  std::vector<backup::TxnAction> txn;
   for (Action& action : actions) {
     if (action.abort) {
       return Fail(GenericError(ECANCELED, "Transaction aborted using Abort action"));
     }
-    if (auto e = CheckBackup(ctx, &action.backup)) return Fail(std::move(*e));
-    jobs.push_back(action.backup.options);
+    if (action.bitmap) {
+      backup::Status s = catalog.Apply(*action.bitmap, grouped);
+      if (!s.ok()) return Fail(FromStatus(s, Family::kOther, ""));
+      txn.push_back({std::nullopt, *action.bitmap});
+      continue;
+    }
+    if (auto e = CheckBackup(ctx, &action.backup, &catalog)) return Fail(std::move(*e));
+    txn.push_back({action.backup.options, std::nullopt});
   }
-  return StartBackups(ctx, jobs, mode);
+  return RunActions(ctx, txn, mode);
 }
 
 // ---- job verbs ----------------------------------------------------------
@@ -378,6 +460,13 @@ Reply QueryBlock(const Context& ctx, const ordered_json& args) {
     inserted["file"] = d->path();
     inserted["ro"] = d->readonly();
     inserted["image"] = std::move(image);
+    // QEMU lists a node's bitmaps here (BlockDeviceInfo), when it has any.
+    std::vector<backup::BitmapInfo> bitmaps = ctx.registry->Bitmaps(d->name());
+    if (!bitmaps.empty()) {
+      ordered_json list = ordered_json::array();
+      for (const auto& b : bitmaps) list.push_back(BitmapInfoJson(b));
+      inserted["dirty-bitmaps"] = std::move(list);
+    }
     ordered_json info;
     info["device"] = d->name();
     info["inserted"] = std::move(inserted);
@@ -417,6 +506,12 @@ constexpr Command kCommands[] = {
     {"query-block", QueryBlock},
     {"drive-backup", DriveBackup},
     {"transaction", Transaction},
+    {"block-dirty-bitmap-add", BitmapCommand<BitmapKind::kAdd>},
+    {"block-dirty-bitmap-remove", BitmapCommand<BitmapKind::kRemove>},
+    {"block-dirty-bitmap-clear", BitmapCommand<BitmapKind::kClear>},
+    {"block-dirty-bitmap-enable", BitmapCommand<BitmapKind::kEnable>},
+    {"block-dirty-bitmap-disable", BitmapCommand<BitmapKind::kDisable>},
+    {"block-dirty-bitmap-merge", BitmapCommand<BitmapKind::kMerge>},
     {"query-block-jobs", QueryBlockJobs},
     {"query-jobs", QueryJobs},
     {"block-job-set-speed", BlockJobSetSpeed},

@@ -30,6 +30,18 @@ ordered_json BlockJobInfoJson(const backup::JobInfo& info) {
   return j;
 }
 
+ordered_json BitmapInfoJson(const backup::BitmapInfo& info) {
+  ordered_json j;
+  j["name"] = info.name;
+  j["count"] = info.count;
+  j["granularity"] = info.granularity;
+  j["recording"] = info.recording;
+  j["busy"] = info.busy;
+  j["persistent"] = info.persistent;
+  if (info.inconsistent) j["inconsistent"] = true;
+  return j;
+}
+
 ordered_json JobInfoJson(const backup::JobInfo& info) {
   ordered_json j;
   j["id"] = info.id;

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "backup/event_bus.h"
+#include "backup/bitmap_catalog.h"
 #include "backup/job_types.h"
 
 namespace cbw::control {
@@ -15,6 +16,9 @@ namespace cbw::control {
 
 // QMP's BlockJobInfo (query-block-jobs), in QEMU's schema order.
 nlohmann::ordered_json BlockJobInfoJson(const backup::JobInfo& info);
+// QMP's BlockDirtyInfo (query-block's inserted.dirty-bitmaps), in QEMU's
+// order; `inconsistent` only when true.
+nlohmann::ordered_json BitmapInfoJson(const backup::BitmapInfo& info);
 // QMP's JobInfo (query-jobs).
 nlohmann::ordered_json JobInfoJson(const backup::JobInfo& info);
 // RFC 3339 UTC with milliseconds, e.g. "2026-11-26T14:20:42.123Z", from

@@ -144,9 +144,15 @@ int Run(int argc, char** argv) {
   fs.Shutdown();
   session.Unmount();
   for (auto* d : drive_ptrs) {
+    if (!d->Quiesce(std::chrono::seconds(35))) {
+      LogError("drive '" + d->name() + "': writes still in flight at stop");
+    }
     auto fr = d->Flush(false);
     if (!fr.ok()) LogError(fr.message());
   }
+  // No write can come any more: persistent bitmaps are saved with the
+  // sources' final state (a clean stop, SPEC 7).
+  registry.SaveBitmapsAtStop();
   if (!s.ok()) return Fail(s.message());
   LogInfo("unmounted cleanly");
   return 0;

@@ -25,94 +25,21 @@
 #include "backup/event_bus.h"
 #include "backup/job_registry.h"
 #include "backup/log.h"
+#include "tests/lib/test_support.h"
 
 namespace cbw::backup::testing {
 
 // Jobs log every start at info; keep test output to warnings.
 inline const bool kQuietLogs = (SetLogLevel(LogLevel::kWarn), true);
 
-class TempDir {
- public:
-  TempDir() {
-    const char* base = std::getenv("CBW_TEST_TMPDIR");
-    std::string tmpl = std::string(base ? base : "/tmp") + "/cbw-backup-test-XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    if (mkdtemp(buf.data()) == nullptr) std::abort();
-    path_ = buf.data();
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
-
-inline std::string ReadAll(const std::string& path) {
-  std::string out;
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return out;
-  char buf[1 << 16];
-  for (;;) {
-    ssize_t n = read(fd, buf, sizeof(buf));
-    if (n <= 0) break;
-    out.append(buf, static_cast<size_t>(n));
-  }
-  close(fd);
-  return out;
-}
-
-// Compares two images; on mismatch says where, without dumping megabytes.
-inline ::testing::AssertionResult SameBytes(const std::string& got, const std::string& want) {
-  if (got == want) return ::testing::AssertionSuccess();
-  if (got.size() != want.size()) {
-    return ::testing::AssertionFailure() << "size " << got.size() << " != " << want.size();
-  }
-  size_t i = 0;
-  while (got[i] == want[i]) ++i;
-  size_t j = got.size();
-  while (got[j - 1] == want[j - 1]) --j;
-  return ::testing::AssertionFailure() << "bytes differ in [" << i << ", " << j << ")";
-}
-
-inline void WriteAt(const std::string& path, const std::string& data, uint64_t off) {
-  int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
-  if (fd < 0) std::abort();
-  if (pwrite(fd, data.data(), data.size(), static_cast<off_t>(off)) !=
-      static_cast<ssize_t>(data.size())) {
-    std::abort();
-  }
-  close(fd);
-}
-
-inline std::string RandomBytes(size_t n, uint32_t seed) {
-  std::string s(n, '\0');
-  std::mt19937_64 rng(seed);
-  for (size_t i = 0; i < n; i += 8) {
-    uint64_t v = rng();
-    std::memcpy(&s[i], &v, std::min<size_t>(8, n - i));
-  }
-  return s;
-}
-
-// A sparse file of `size` bytes.
+using cbw::test::RandomBytes;
+using cbw::test::SameBytes;
+using cbw::test::TempDir;
+using cbw::test::WaitFor;
+using cbw::test::WriteAt;
+inline std::string ReadAll(const std::string& path) { return cbw::test::ReadFile(path); }
 inline void MakeSparse(const std::string& path, uint64_t size) {
-  int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0 || ftruncate(fd, static_cast<off_t>(size)) != 0) std::abort();
-  close(fd);
-}
-
-inline bool WaitFor(const std::function<bool()>& pred, double seconds = 20) {
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  return pred();
+  cbw::test::MakeSparseFile(path, size);
 }
 
 // Records every event in order; thread-safe.

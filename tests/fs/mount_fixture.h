@@ -9,56 +9,15 @@
 #include <string>
 #include <vector>
 
+#include "tests/lib/test_support.h"
+
 namespace cbw::test {
 
 // Helpers for end-to-end tests that run the real cbwfs binary on a real FUSE
 // mount. Every wait polls with a deadline; nothing sleeps a fixed time.
 
-// A fresh directory under $TMPDIR (or /tmp), removed with its contents on
-// destruction (after any mount in it is gone).
-class TempDir {
- public:
-  TempDir();
-  ~TempDir();
-  const std::string& path() const { return path_; }
-  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
-
-std::string RandomBytes(size_t n, uint64_t seed);
-void WriteFileOrDie(const std::string& path, const std::string& data);
-// Creates a sparse file of `size` bytes (ftruncate).
-void MakeSparseFile(const std::string& path, uint64_t size);
-std::string ReadFileOrDie(const std::string& path);
-// Whole-file checksum (FNV-1a 64 over the bytes), for compact oracles.
-uint64_t Checksum(const std::string& data);
-uint64_t FileChecksum(const std::string& path);
-
-// Polls `cond` every few ms until true or the deadline passes.
-bool WaitFor(const std::function<bool()>& cond,
-             std::chrono::milliseconds deadline = std::chrono::seconds(20));
-
-struct CommandResult {
-  int exit_code = -1;  // -1: killed or timed out
-  std::string out;
-  std::string err;
-};
-// Runs argv (no shell) with stdin from /dev/null, capturing output, with a
-// deadline after which the child is killed.
-CommandResult RunCommand(const std::vector<std::string>& argv,
-                         std::chrono::seconds deadline = std::chrono::seconds(60));
-// Runs a bash script line (for tests that use shell tools as a user would).
-CommandResult RunShell(const std::string& script,
-                       std::chrono::seconds deadline = std::chrono::seconds(60));
-
 // Path of the cbwfs binary under test.
 std::string CbwfsBinary();
-
-// True when tests/run.sh built everything with a sanitizer (CBW_TEST_MODE
-// asan or tsan): memory figures and exit timing then measure the sanitizer.
-bool UnderSanitizer();
 
 // One cbwfs daemon on a temp mountpoint, run in the foreground (-f) as a
 // child. The destructor always lazily unmounts and kills the daemon, whatever
