@@ -70,22 +70,40 @@ void MakeSparseFile(const std::string& path, uint64_t size) {
 }
 
 std::string ReadFileOrDie(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) {
-    ADD_FAILURE() << "cannot read " << path;
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    ADD_FAILURE() << "cannot read " << path << ": " << strerror(errno);
     return "";
   }
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
+  close(fd);
+  return ReadFile(path);
 }
 
 std::string ReadFile(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return "";
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
+  // Sized once and read straight in: images of hundreds of MiB are read
+  // often, and a stream would copy them several times over.
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return "";
+  std::string out;
+  struct stat st {};
+  if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) out.reserve(static_cast<size_t>(st.st_size));
+  char buf[1 << 16];
+  for (;;) {
+    size_t want = out.capacity() > out.size() ? out.capacity() - out.size() : sizeof(buf);
+    if (want <= sizeof(buf)) {
+      ssize_t n = read(fd, buf, sizeof(buf));
+      if (n <= 0) break;
+      out.append(buf, static_cast<size_t>(n));
+      continue;
+    }
+    size_t at = out.size();
+    out.resize(at + want);
+    ssize_t n = read(fd, out.data() + at, want);
+    out.resize(at + (n > 0 ? static_cast<size_t>(n) : 0));
+    if (n <= 0) break;
+  }
+  close(fd);
+  return out;
 }
 
 void WriteAt(const std::string& path, const std::string& data, uint64_t off) {
