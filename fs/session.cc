@@ -194,9 +194,10 @@ void Session::WatchSignals(int signal_fd, int wake_fd, const std::function<void(
   if (open.empty()) {
     backup::LogInfo(std::string("got ") + SignalName(sig) + ": stopping");
   } else {
-    backup::LogWarn(std::string("got ") + SignalName(sig) + " with drive files open: " +
-                    Describe(open) + "; serving until they are closed, then stopping (" +
-                    SignalName(sig) + " or SIGINT again stops now)");
+    backup::LogWarn(std::string("got ") + SignalName(sig) +
+                    " with drive files open: " + Describe(open) +
+                    "; serving until they are closed, then stopping (a second SIGTERM or "
+                    "SIGINT stops now)");
     for (;;) {
       int again = WaitForSignal(signal_fd, wake_fd);
       if (again < 0 || loop_ended_.load()) return;
