@@ -125,6 +125,8 @@ TEST(Stopping, SigtermWithAnExt4MountedOnADriveWaitsUntilItIsReleased) {
   CommandResult mkfs = RunCommand({"mkfs.ext4", "-q", "-F", m / "drive0"});
   ASSERT_EQ(mkfs.exit_code, 0) << mkfs.err;
   LoopMount inner(m / "drive0", dir / "inner");
+  if (inner.error().rfind("losetup", 0) == 0)
+    GTEST_SKIP() << "no loop device here: " << inner.error();
   ASSERT_TRUE(inner.ok()) << inner.error();
   const std::string file_data = RandomBytes(1 << 20, 61);
 
