@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstring>
 #include <future>
+#include <thread>
 
 #include "backup/log.h"
 #include "backup/posix_io.h"
@@ -28,12 +29,26 @@ namespace {
 constexpr off_t kQemuLockStart = 100;
 constexpr off_t kQemuLockLen = 200;
 
-Status LockSource(int fd, const std::string& path, bool readonly) {
+Status HeldByCbwfsError(const std::string& path) {
+  return Status::Error(EBUSY, "Failed to lock '" + path + "': it is in use by another cbwfs (" +
+                                  std::strerror(EBUSY) + ")");
+}
+
+// Whether a cbwfs holds `path` (its flock, which only cbwfs takes), for a
+// block device whose exclusive open failed: another cbwfs is worth waiting
+// for, a mount or mkfs is not.
+bool HeldByCbwfs(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK));
+  return fd.valid() && flock(fd.get(), LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+}
+
+// Sets *held_by_cbwfs when the lock that refused is another cbwfs's.
+Status LockSource(int fd, const std::string& path, bool readonly, bool* held_by_cbwfs) {
   if (flock(fd, (readonly ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0) {
     int e = errno;
     if (e == EWOULDBLOCK) {
-      return Status::Error(EBUSY, "Failed to lock '" + path + "': it is in use by another cbwfs (" +
-                                      std::strerror(EBUSY) + ")");
+      *held_by_cbwfs = true;
+      return HeldByCbwfsError(path);
     }
     return Status::FromErrno(e, "Failed to lock '" + path + "'");
   }
@@ -107,23 +122,80 @@ class Drive::GateClosure {
  private:
   std::vector<Drive*> drives_;
 };
-Result<std::unique_ptr<Drive>> Drive::Open(const DriveConfig& config) {
-  int flags = (config.readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK;
-  UniqueFd fd(::open(config.path.c_str(), flags));
-  if (!fd.valid()) return Status::FromErrno(errno, "Could not open '" + config.path + "'");
-  struct stat st {};
-  if (fstat(fd.get(), &st) != 0)
-    return Status::FromErrno(errno, "Could not stat '" + config.path + "'");
-  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
-    return Status::Error(EINVAL, "'" + config.path + "' is not a regular file or block device");
+namespace {
+
+// Opens, checks and locks the source once; fills *st. Sets *held_by_cbwfs
+// when another cbwfs holds it.
+Result<UniqueFd> OpenSource(const DriveConfig& config, struct stat* st, bool* held_by_cbwfs) {
+  const std::string& path = config.path;
+  // Block devices are held exclusively: a write that bypasses cbwfs would
+  // not be copied before it lands, and a mount or mkfs would be one.
+  struct stat pre {};
+  bool block = ::stat(path.c_str(), &pre) == 0 && S_ISBLK(pre.st_mode);
+  int flags = (config.readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK |
+              (block ? O_EXCL : 0);
+  UniqueFd fd(::open(path.c_str(), flags));
+  if (!fd.valid()) {
+    int e = errno;
+    if (e == EBUSY && block) {
+      if (HeldByCbwfs(path)) {
+        *held_by_cbwfs = true;
+        return HeldByCbwfsError(path);
+      }
+      return Status::Error(EBUSY, "Could not open '" + path +
+                                      "' exclusively: it is in use (mounted, or held by mkfs, "
+                                      "QEMU or another program) (" +
+                                      std::strerror(EBUSY) + ")");
+    }
+    return Status::FromErrno(e, "Could not open '" + path + "'");
+  }
+  if (fstat(fd.get(), st) != 0) return Status::FromErrno(errno, "Could not stat '" + path + "'");
+  if (!S_ISREG(st->st_mode) && !S_ISBLK(st->st_mode)) {
+    return Status::Error(EINVAL, "'" + path + "' is not a regular file or block device");
+  }
+  if (S_ISBLK(st->st_mode) && !block) {
+    // Replaced by a device between the stat and the open: not held exclusively.
+    return Status::Error(EAGAIN, "'" + path + "' changed while it was opened; try again");
   }
   // O_NONBLOCK only kept a FIFO from blocking the open; drop it.
   int fl = fcntl(fd.get(), F_GETFL);
   if (fl < 0 || fcntl(fd.get(), F_SETFL, fl & ~O_NONBLOCK) != 0) {
-    return Status::FromErrno(errno, "Could not open '" + config.path + "'");
+    return Status::FromErrno(errno, "Could not open '" + path + "'");
   }
-  Status s = LockSource(fd.get(), config.path, config.readonly);
+  Status s = LockSource(fd.get(), path, config.readonly, held_by_cbwfs);
   if (!s.ok()) return s;
+  return fd;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Drive>> Drive::Open(const DriveConfig& config) {
+  // A cbwfs that is still exiting (flushing its sources) holds them for a
+  // moment after its mount is gone: a restart right after an unmount waits
+  // for it rather than failing.
+  const auto deadline = std::chrono::steady_clock::now() + config.lock_wait;
+  bool waited = false;
+  struct stat st {};
+  UniqueFd fd;
+  for (;;) {
+    bool held_by_cbwfs = false;
+    Result<UniqueFd> r = OpenSource(config, &st, &held_by_cbwfs);
+    if (r.ok()) {
+      fd = std::move(r).value();
+      break;
+    }
+    if (!held_by_cbwfs || std::chrono::steady_clock::now() >= deadline) return r.status();
+    if (!waited) {
+      auto ms = config.lock_wait.count();
+      LogWarn("'" + config.path + "' is in use by another cbwfs (one still stopping?): waiting " +
+              "up to " +
+              (ms % 1000 == 0 ? std::to_string(ms / 1000) + " s" : std::to_string(ms) + " ms") +
+              " for it");
+      waited = true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  if (waited) LogInfo("'" + config.path + "' is free now");
 
   std::unique_ptr<Drive> d(new Drive());
   d->name_ = config.name;

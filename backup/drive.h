@@ -45,6 +45,9 @@ struct DriveConfig {
   std::string name;  // as shown under the mountpoint
   std::string path;  // source: regular file or block device
   bool readonly = false;
+  // How long Open waits for another cbwfs to let go of the source (one that
+  // is still exiting); 0: refuse at once.
+  std::chrono::milliseconds lock_wait{0};
 };
 
 // One source image behind the CBW interposer. Every write-like operation goes
@@ -73,7 +76,11 @@ class Drive {
   // Opens and locks the source: O_RDWR (O_RDONLY if readonly), refused unless
   // a regular file or block device; takes an exclusive OFD lock (compatible
   // with QEMU's image locking bytes) and flock, so a second cbwfs or a QEMU
-  // using the image is refused with EBUSY and a message naming the path.
+  // using the image is refused with EBUSY and a message naming the path. A
+  // block device is opened with O_EXCL, so other exclusive openers (mount,
+  // mkfs, QEMU) are refused while it is held, and one already held so is
+  // refused here. When the holder is another cbwfs, Open retries for up to
+  // `config.lock_wait`, logging once that it waits.
   static Result<std::unique_ptr<Drive>> Open(const DriveConfig& config);
   ~Drive();
 

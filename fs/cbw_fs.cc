@@ -61,14 +61,16 @@ struct timespec FromSeconds(double s) {
 }  // namespace
 
 struct CbwFs::ControlHandle {
-  std::mutex mu;
-  ControlStream stream;
+  backup::Mutex mu;
+  ControlStream stream CBW_GUARDED_BY(mu);
 };
 
 struct CbwFs::JobHandle {
-  std::mutex mu;
-  std::string id;
-  std::string snapshot;  // the record as of the last read at offset 0
+  JobHandle(std::string id, std::string snapshot)
+      : id(std::move(id)), snapshot(std::move(snapshot)) {}
+  const std::string id;
+  backup::Mutex mu;
+  std::string snapshot CBW_GUARDED_BY(mu);  // the record as of the last read at offset 0
 };
 
 struct CbwFs::DirHandle {
@@ -81,7 +83,8 @@ CbwFs::CbwFs(backup::JobRegistry* registry, backup::EventBus* bus, control::Disp
       dispatcher_(dispatcher),
       config_(config),
       nodes_(registry),
-      events_(bus) {
+      events_(bus),
+      drive_opens_(registry->drives().size(), 0) {
   clock_gettime(CLOCK_REALTIME, &mount_time_);
 }
 
@@ -241,6 +244,17 @@ void CbwFs::Open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     case Kind::kDrive: {
       backup::Drive* d = registry_->drives()[n.drive];
       if (acc != O_RDONLY && d->readonly()) return (void)fuse_reply_err(req, EROFS);
+      bool stopping;
+      {
+        backup::MutexLock lock(&opens_mu_);
+        stopping = stopping_;
+        if (!stopping) ++drive_opens_[n.drive];
+      }
+      if (stopping) {
+        // A stop waits for the drive's users to close; no new ones start.
+        backup::LogInfo("refused to open drive '" + d->name() + "': cbwfs is stopping");
+        return (void)fuse_reply_err(req, ESHUTDOWN);
+      }
       // O_TRUNC is ignored, as for a block device. Reads use the page cache
       // (every write passes through cbwfs, so it stays true).
       fi->keep_cache = 1;
@@ -264,14 +278,14 @@ void CbwFs::Open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
       if (!info) return (void)fuse_reply_err(req, ENOENT);
       std::string snapshot = control::RenderJobFile(*info);
       fi->direct_io = 1;
-      fi->fh = reinterpret_cast<uint64_t>(new JobHandle{{}, n.name, std::move(snapshot)});
+      fi->fh = reinterpret_cast<uint64_t>(new JobHandle(n.name, std::move(snapshot)));
       break;
     }
     case Kind::kView: {
       if (acc != O_RDONLY) return (void)fuse_reply_err(req, EACCES);
       if (!registry_->SnapshotSize(n.name)) return (void)fuse_reply_err(req, ENOENT);
       fi->direct_io = 1;
-      fi->fh = reinterpret_cast<uint64_t>(new JobHandle{{}, n.name, {}});
+      fi->fh = reinterpret_cast<uint64_t>(new JobHandle(n.name, {}));
       break;
     }
     case Kind::kRoot:
@@ -309,7 +323,7 @@ void CbwFs::Read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_fi
       {
         // Copied out under the lock: once the reply is sent, the opener may
         // close and the release (on another worker) frees h.
-        std::lock_guard lock(h->mu);
+        backup::MutexLock lock(&h->mu);
         data = h->stream.Read(static_cast<uint64_t>(off), size, last_reply_);
       }
       if (!data.ok()) return (void)fuse_reply_err(req, data.status().code());
@@ -324,7 +338,7 @@ void CbwFs::Read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_fi
       auto* h = reinterpret_cast<JobHandle*>(fi->fh);
       std::string data;
       {
-        std::lock_guard lock(h->mu);
+        backup::MutexLock lock(&h->mu);
         if (off == 0) {
           if (auto info = registry_->GetJobFile(h->id)) h->snapshot = control::RenderJobFile(*info);
         }
@@ -378,7 +392,7 @@ void CbwFs::Write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, 
     // The commands of one open run in write order. The lock ends before the
     // reply: once the write returns, the opener may close and the release
     // (on another worker) frees h.
-    std::lock_guard lock(h->mu);
+    backup::MutexLock lock(&h->mu);
     control::WriteOutcome out = dispatcher_->Execute(std::string_view(buf, size));
     h->stream.Record(out.responses.empty() && out.error ? out.last_reply : out.responses,
                      out.error == 0 ? size : 0);
@@ -390,7 +404,11 @@ void CbwFs::Write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, 
 }
 
 void CbwFs::Release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
-  switch (nodes_.Resolve(ino).kind) {
+  NodeTable::Node n = nodes_.Resolve(ino);
+  switch (n.kind) {
+    case Kind::kDrive:
+      DriveClosed(n.drive);
+      break;
     case Kind::kControl:
       delete reinterpret_cast<ControlHandle*>(fi->fh);
       break;
@@ -452,6 +470,38 @@ void CbwFs::Unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
   backup::Status s = registry_->RemoveJobFile(name);
   if (s.ok()) return (void)fuse_reply_err(req, 0);
   fuse_reply_err(req, s.code() == ESRCH ? ENOENT : s.code());
+}
+
+std::vector<CbwFs::OpenDrive> CbwFs::OpenDrivesLocked() const {
+  std::vector<OpenDrive> open;
+  const auto& drives = registry_->drives();
+  for (size_t i = 0; i < drive_opens_.size(); ++i) {
+    if (drive_opens_[i] > 0) open.push_back({drives[i]->name(), drive_opens_[i]});
+  }
+  return open;
+}
+
+std::vector<CbwFs::OpenDrive> CbwFs::OpenDrives() const {
+  backup::MutexLock lock(&opens_mu_);
+  return OpenDrivesLocked();
+}
+
+std::vector<CbwFs::OpenDrive> CbwFs::BeginStop(std::function<void()> on_close) {
+  backup::MutexLock lock(&opens_mu_);
+  stopping_ = true;
+  on_drive_close_ = std::move(on_close);
+  return OpenDrivesLocked();
+}
+
+void CbwFs::DriveClosed(size_t drive) {
+  std::function<void()> on_close;
+  {
+    backup::MutexLock lock(&opens_mu_);
+    // Opens refused while stopping were never counted, and have no release.
+    if (drive_opens_[drive] > 0) --drive_opens_[drive];
+    on_close = on_drive_close_;
+  }
+  if (on_close) backup::RunGuarded("drive close callback", on_close);
 }
 
 int CbwFs::NameChangeError(fuse_ino_t parent) const {

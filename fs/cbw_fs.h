@@ -7,9 +7,12 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <string>
+#include <vector>
 
 #include "backup/event_bus.h"
 #include "backup/job_registry.h"
+#include "backup/mutex.h"
 #include "control/dispatcher.h"
 #include "fs/control_stream.h"
 #include "fs/events_file.h"
@@ -25,14 +28,19 @@ namespace cbw::fs {
 // jobs/ and snapshots/ (read-only trees but for `rm jobs/<id>`) and with
 // EPERM elsewhere.
 //
+// Open drive files are counted per drive, so that a stop can wait for them
+// (SPEC 8 "Stopping"): once BeginStop has run, new opens of drive files are
+// refused with ESHUTDOWN and every close is reported to the stopper.
+//
 // Thread model: libfuse's multithreaded loop calls the ops concurrently; the
-// object reaches them through fuse_req_userdata (no globals). CbwFs itself
-// has no lock: the node table, the events file and the last control reply
-// each have their own, and per-open state (a control stream, a job-file
-// snapshot) lives in a handle owned by the open (fi->fh) with its own mutex.
-// Lock order: handle mutex -> engine (the dispatcher's commands, a job
-// record) and -> LastReply; the node table's and the events file's locks are
-// taken alone (see their headers). None is held across a reply.
+// object reaches them through fuse_req_userdata (no globals). The node table,
+// the events file and the last control reply each have their own lock;
+// per-open state (a control stream, a job-file snapshot) lives in a handle
+// owned by the open (fi->fh) with its own mutex; opens_mu_ guards the drive
+// handle counts. Lock order: handle mutex -> engine (the dispatcher's
+// commands, a job record) and -> LastReply; the node table's, the events
+// file's and opens_mu_ are taken alone (leaves). None is held across a
+// reply or a callback.
 class CbwFs {
  public:
   struct Config {
@@ -62,6 +70,19 @@ class CbwFs {
   // the readers to close, each wait bounded by `deadline`. So `cat events`
   // sees the jobs' last events and ends cleanly rather than with an error.
   void StopEvents(std::chrono::milliseconds deadline) { events_.StopEvents(deadline); }
+
+  // A drive file with open handles, and how many.
+  struct OpenDrive {
+    std::string name;
+    uint64_t handles = 0;
+  };
+  // The drive files open now, in drive order.
+  std::vector<OpenDrive> OpenDrives() const CBW_EXCLUDES(opens_mu_);
+  // The daemon is stopping: from now on opens of drive files fail with
+  // ESHUTDOWN, and `on_close` runs after each close of a drive handle (on the
+  // FUSE thread that handled it, with no lock held). Returns the drive files
+  // open at this instant (no close of those is missed). Call once.
+  std::vector<OpenDrive> BeginStop(std::function<void()> on_close) CBW_EXCLUDES(opens_mu_);
 
   // Op bodies (public for the C trampolines in cbw_fs.cc).
   void Init(fuse_conn_info* conn);
@@ -99,6 +120,9 @@ class CbwFs {
   void ReplyEntry(fuse_req_t req, fuse_ino_t ino, double timeout);
   // The errno for changing names in directory `parent`.
   int NameChangeError(fuse_ino_t parent) const;
+  std::vector<OpenDrive> OpenDrivesLocked() const CBW_REQUIRES(opens_mu_);
+  // A drive handle closed (its release, or an open whose reply failed).
+  void DriveClosed(size_t drive) CBW_EXCLUDES(opens_mu_);
 
   backup::JobRegistry* registry_;
   control::Dispatcher* dispatcher_;
@@ -109,6 +133,11 @@ class CbwFs {
   NodeTable nodes_;
   EventsFile events_;
   LastReply last_reply_;  // what a fresh open of control reads
+
+  mutable backup::Mutex opens_mu_;
+  std::vector<uint64_t> drive_opens_ CBW_GUARDED_BY(opens_mu_);  // by drive index
+  bool stopping_ CBW_GUARDED_BY(opens_mu_) = false;
+  std::function<void()> on_drive_close_ CBW_GUARDED_BY(opens_mu_);
 };
 
 }  // namespace cbw::fs

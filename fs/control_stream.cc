@@ -14,12 +14,12 @@ std::string Slice(std::string_view data, uint64_t offset, size_t size) {
 }  // namespace
 
 void LastReply::Set(std::string_view reply) {
-  std::lock_guard lock(mu_);
+  backup::MutexLock lock(&mu_);
   reply_.assign(reply);
 }
 
 std::string LastReply::Read(uint64_t offset, size_t size) const {
-  std::lock_guard lock(mu_);
+  backup::MutexLock lock(&mu_);
   return Slice(reply_, offset, size);
 }
 

@@ -3,10 +3,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
-#include <mutex>
 #include <string>
 #include <string_view>
 
+#include "backup/mutex.h"
 #include "backup/status.h"
 
 namespace cbw::fs {
@@ -23,8 +23,8 @@ class LastReply {
   std::string Read(uint64_t offset, size_t size) const;
 
  private:
-  mutable std::mutex mu_;
-  std::string reply_;  // guarded by mu_
+  mutable backup::Mutex mu_;
+  std::string reply_ CBW_GUARDED_BY(mu_);
 };
 
 // The byte stream that one open of `control` reads back (SPEC 2.2 "Out"):

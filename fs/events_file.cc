@@ -19,40 +19,25 @@ constexpr size_t kBacklogBytes = 1 << 20;
 
 }  // namespace
 
-struct EventsFile::Reader {
-  uint64_t id = 0;
-  uint64_t token = 0;  // the bus subscription
-  // Guarded by EventsFile::mu_:
-  std::string backlog;   // rendered lines not read yet
-  uint64_t dropped = 0;  // events missed since the backlog was full
-  struct Parked {
-    fuse_req_t req;
-    size_t size;
-  };
-  std::deque<Parked> parked;  // blocking reads waiting, oldest first
-  fuse_pollhandle* poll = nullptr;
-  bool ready = false;  // listed in ready_
-};
-
 EventsFile::EventsFile(backup::EventBus* bus) : bus_(bus) {}
 
 EventsFile::~EventsFile() {
   Shutdown();
   std::vector<uint64_t> tokens;
   {
-    std::lock_guard lock(mu_);
-    for (auto& [id, r] : readers_) tokens.push_back(r->token);
+    backup::MutexLock lock(&mu_);
+    for (auto& [id, q] : queues_) tokens.push_back(q.reader->token);
   }
   for (uint64_t t : tokens) bus_->Unsubscribe(t);
-  std::lock_guard lock(mu_);
-  for (auto& [id, r] : readers_) {
-    if (r->poll) fuse_pollhandle_destroy(r->poll);
+  backup::MutexLock lock(&mu_);
+  for (auto& [id, q] : queues_) {
+    if (q.poll) fuse_pollhandle_destroy(q.poll);
   }
-  readers_.clear();
+  queues_.clear();
 }
 
 void EventsFile::Start() {
-  std::lock_guard lock(mu_);
+  backup::MutexLock lock(&mu_);
   if (delivery_.joinable() || stopping_) return;
   delivery_ = std::thread(
       [this] { backup::RunGuarded("events delivery thread", [this] { DeliveryLoop(); }); });
@@ -62,60 +47,67 @@ void EventsFile::Shutdown() {
   EndStreams();
   std::thread t;
   {
-    std::lock_guard lock(mu_);
+    backup::MutexLock lock(&mu_);
     stopping_ = true;
     t = std::move(delivery_);
   }
-  wake_.notify_all();
+  wake_.SignalAll();
   if (t.joinable()) t.join();
 }
 
 EventsFile::Reader* EventsFile::Open() {
-  auto owned = std::make_unique<Reader>();
-  Reader* r = owned.get();
+  Reader* r;
+  uint64_t id;
   {
-    std::lock_guard lock(mu_);
+    backup::MutexLock lock(&mu_);
     // Each reader is in ready_ at most once: with room reserved, listing one
     // never allocates (OnEvent cannot fail there).
-    ready_.reserve(readers_.size() + 1);
-    r->id = next_id_++;
-    readers_.emplace(r->id, std::move(owned));
+    ready_.reserve(queues_.size() + 1);
+    id = next_id_++;
+    Queue& q = queues_[id];
+    q.reader = std::make_unique<Reader>();
+    q.reader->id = id;
+    r = q.reader.get();
   }
-  uint64_t id = r->id;
   try {
     // The callback finds its reader by id, so one that runs after Release
     // (whatever the bus guarantees) finds nothing.
     uint64_t token = bus_->Subscribe([this, id](const backup::Event& ev) { OnEvent(id, ev); });
-    std::lock_guard lock(mu_);
+    backup::MutexLock lock(&mu_);
     r->token = token;
   } catch (...) {
-    std::lock_guard lock(mu_);
-    readers_.erase(id);
+    backup::MutexLock lock(&mu_);
+    queues_.erase(id);
     throw;
   }
   return r;
 }
 
+EventsFile::Queue* EventsFile::FindLocked(const Reader* reader) {
+  auto it = queues_.find(reader->id);
+  return it == queues_.end() ? nullptr : &it->second;
+}
+
 void EventsFile::Release(Reader* reader) {
   bus_->Unsubscribe(reader->token);
   std::unique_ptr<Reader> owned;
-  std::deque<Reader::Parked> left;
+  std::deque<Parked> left;
   fuse_pollhandle* ph = nullptr;
   {
-    std::lock_guard lock(mu_);
-    auto it = readers_.find(reader->id);
-    if (it == readers_.end()) return;
-    owned = std::move(it->second);
-    readers_.erase(it);
-    left = std::move(reader->parked);
-    ph = std::exchange(reader->poll, nullptr);
-    if (reader->ready) ready_.erase(std::find(ready_.begin(), ready_.end(), reader));
+    backup::MutexLock lock(&mu_);
+    Queue* q = FindLocked(reader);
+    if (!q) return;
+    owned = std::move(q->reader);
+    left = std::move(q->parked);
+    ph = std::exchange(q->poll, nullptr);
+    if (q->ready) ready_.erase(std::find(ready_.begin(), ready_.end(), q));
+    queues_.erase(reader->id);
   }
   // The kernel holds the file while a read is in flight, so this is only for
   // an open whose opener went away before it completed.
   for (const auto& p : left) fuse_reply_err(p.req, EINTR);
   if (ph) fuse_pollhandle_destroy(ph);
-  changed_.notify_all();
+  changed_.SignalAll();
 }
 
 void EventsFile::Read(fuse_req_t req, Reader* reader, size_t size, bool nonblock) {
@@ -129,10 +121,14 @@ void EventsFile::Read(fuse_req_t req, Reader* reader, size_t size, bool nonblock
   int err = 0;
   bool wake = false;
   {
-    std::lock_guard lock(mu_);
-    if (reader->parked.empty() && HasDataLocked(*reader)) {
+    backup::MutexLock lock(&mu_);
+    Queue* q = FindLocked(reader);
+    if (!q) {
+      outcome = kError;
+      err = EBADF;
+    } else if (q->parked.empty() && HasDataLocked(*q)) {
       outcome = kData;
-      data = TakeLocked(*reader, size);
+      data = TakeLocked(*q, size);
     } else if (ended_) {
       outcome = kEof;
     } else if (nonblock) {
@@ -145,16 +141,16 @@ void EventsFile::Read(fuse_req_t req, Reader* reader, size_t size, bool nonblock
       // Reads parked earlier come first: the delivery thread serves them in
       // order, this one after them.
       outcome = kParked;
-      reader->parked.push_back({req, size});
-      if (HasDataLocked(*reader)) {
-        MarkReadyLocked(*reader);
+      q->parked.push_back({req, size});
+      if (HasDataLocked(*q)) {
+        MarkReadyLocked(*q);
         wake = true;
       }
     }
   }
   switch (outcome) {
     case kData:
-      changed_.notify_all();
+      changed_.SignalAll();
       fuse_reply_buf(req, data.data(), data.size());
       return;
     case kEof:
@@ -164,7 +160,7 @@ void EventsFile::Read(fuse_req_t req, Reader* reader, size_t size, bool nonblock
       fuse_reply_err(req, err);
       return;
     case kParked:
-      if (wake) wake_.notify_one();
+      if (wake) wake_.Signal();
       return;
   }
 }
@@ -173,9 +169,14 @@ void EventsFile::Poll(fuse_req_t req, Reader* reader, fuse_pollhandle* ph) {
   unsigned revents = 0;
   fuse_pollhandle* old = nullptr;
   {
-    std::lock_guard lock(mu_);
-    if (HasDataLocked(*reader) || ended_) revents = POLLIN;
-    if (ph) old = std::exchange(reader->poll, ph);
+    backup::MutexLock lock(&mu_);
+    Queue* q = FindLocked(reader);
+    if (!q || HasDataLocked(*q) || ended_) revents = POLLIN;
+    if (q && ph) {
+      old = std::exchange(q->poll, ph);
+    } else {
+      old = ph;  // nothing to notify later
+    }
   }
   if (old) fuse_pollhandle_destroy(old);
   fuse_reply_poll(req, revents);
@@ -189,12 +190,12 @@ void EventsFile::OnInterrupt(fuse_req_t req, void* self) {
     auto* ef = static_cast<EventsFile*>(self);
     bool found = false;
     {
-      std::lock_guard lock(ef->mu_);
-      for (auto& [id, r] : ef->readers_) {
-        auto it = std::find_if(r->parked.begin(), r->parked.end(),
-                               [req](const Reader::Parked& p) { return p.req == req; });
-        if (it != r->parked.end()) {
-          r->parked.erase(it);
+      backup::MutexLock lock(&ef->mu_);
+      for (auto& [id, q] : ef->queues_) {
+        auto it = std::find_if(q.parked.begin(), q.parked.end(),
+                               [req](const Parked& p) { return p.req == req; });
+        if (it != q.parked.end()) {
+          q.parked.erase(it);
           found = true;
           break;
         }
@@ -214,73 +215,78 @@ void EventsFile::OnEvent(uint64_t reader_id, const backup::Event& event) noexcep
   }
   bool wake = false;
   try {
-    std::lock_guard lock(mu_);
-    auto it = readers_.find(reader_id);
-    if (it == readers_.end()) return;
-    Reader& r = *it->second;
+    backup::MutexLock lock(&mu_);
+    auto it = queues_.find(reader_id);
+    if (it == queues_.end()) return;
+    Queue& q = it->second;
     try {
-      if (line.empty() || r.backlog.size() + line.size() > kBacklogBytes) {
-        ++r.dropped;
-      } else if (r.dropped) {
-        r.backlog += control::RenderEventsDropped(r.dropped) + line;
-        r.dropped = 0;
+      if (line.empty() || q.backlog.size() + line.size() > kBacklogBytes) {
+        ++q.dropped;
+      } else if (q.dropped) {
+        q.backlog += control::RenderEventsDropped(q.dropped) + line;
+        q.dropped = 0;
       } else {
-        r.backlog += line;
+        q.backlog += line;
       }
     } catch (...) {
-      ++r.dropped;
+      ++q.dropped;
     }
-    if (!r.parked.empty() || r.poll) {
-      MarkReadyLocked(r);
+    if (!q.parked.empty() || q.poll) {
+      MarkReadyLocked(q);
       wake = true;
     }
   } catch (...) {
     backup::LogStoppedException("events: queueing an event", "lock failed");
   }
-  if (wake) wake_.notify_one();
+  if (wake) wake_.Signal();
 }
 
-bool EventsFile::HasDataLocked(const Reader& reader) {
-  return !reader.backlog.empty() || reader.dropped > 0;
-}
+bool EventsFile::HasDataLocked(const Queue& q) const { return !q.backlog.empty() || q.dropped > 0; }
 
-std::string EventsFile::TakeLocked(Reader& reader, size_t size) {
-  if (reader.backlog.empty() && reader.dropped) {
-    reader.backlog = control::RenderEventsDropped(reader.dropped);
-    reader.dropped = 0;
+bool EventsFile::AnyHasDataLocked() const {
+  for (const auto& [id, q] : queues_) {
+    if (HasDataLocked(q)) return true;
   }
-  std::string out = reader.backlog.substr(0, size);
-  reader.backlog.erase(0, out.size());
+  return false;
+}
+
+std::string EventsFile::TakeLocked(Queue& q, size_t size) {
+  if (q.backlog.empty() && q.dropped) {
+    q.backlog = control::RenderEventsDropped(q.dropped);
+    q.dropped = 0;
+  }
+  std::string out = q.backlog.substr(0, size);
+  q.backlog.erase(0, out.size());
   return out;
 }
 
-void EventsFile::MarkReadyLocked(Reader& reader) {
-  if (reader.ready) return;
-  reader.ready = true;
-  ready_.push_back(&reader);  // capacity reserved in Open: does not throw
+void EventsFile::MarkReadyLocked(Queue& q) {
+  if (q.ready) return;
+  q.ready = true;
+  ready_.push_back(&q);  // capacity reserved in Open: does not throw
 }
 
 void EventsFile::CollectLocked(std::vector<Answer>* answers, std::vector<fuse_pollhandle*>* polls) {
   while (!ready_.empty()) {
-    Reader& r = *ready_.back();
-    answers->reserve(answers->size() + r.parked.size());
+    Queue& q = *ready_.back();
+    answers->reserve(answers->size() + q.parked.size());
     polls->reserve(polls->size() + 1);
-    while (!r.parked.empty() && HasDataLocked(r)) {
+    while (!q.parked.empty() && HasDataLocked(q)) {
       // Taken before the pop: if taking throws, the read stays parked.
-      std::string data = TakeLocked(r, r.parked.front().size);
-      answers->push_back({r.parked.front().req, std::move(data)});
-      r.parked.pop_front();
+      std::string data = TakeLocked(q, q.parked.front().size);
+      answers->push_back({q.parked.front().req, std::move(data)});
+      q.parked.pop_front();
     }
-    if (r.poll && (HasDataLocked(r) || ended_)) polls->push_back(std::exchange(r.poll, nullptr));
-    r.ready = false;
+    if (q.poll && (HasDataLocked(q) || ended_)) polls->push_back(std::exchange(q.poll, nullptr));
+    q.ready = false;
     ready_.pop_back();
   }
 }
 
 void EventsFile::DeliveryLoop() {
-  std::unique_lock lock(mu_);
+  backup::MutexLock lock(&mu_);
   for (;;) {
-    wake_.wait(lock, [&] { return stopping_ || !ready_.empty(); });
+    while (!stopping_ && ready_.empty()) wake_.Wait(&lock);
     if (stopping_) return;
     std::vector<Answer> answers;
     std::vector<fuse_pollhandle*> polls;
@@ -291,11 +297,11 @@ void EventsFile::DeliveryLoop() {
       // is tried again at the next wake.
       backup::LogStoppedException("events delivery", "collecting answers failed");
     }
-    lock.unlock();
+    lock.Unlock();
     for (auto& a : answers) fuse_reply_buf(a.req, a.data.data(), a.data.size());
     for (fuse_pollhandle* ph : polls) Notify(ph);
-    changed_.notify_all();
-    lock.lock();
+    changed_.SignalAll();
+    lock.Relock();
   }
 }
 
@@ -315,43 +321,46 @@ void EventsFile::EndStreams() {
   std::vector<Answer> answers;
   std::vector<fuse_pollhandle*> polls;
   {
-    std::lock_guard lock(mu_);
+    backup::MutexLock lock(&mu_);
     ended_ = true;
     size_t parked = 0;
-    for (auto& [id, r] : readers_) parked += r->parked.size();
+    for (auto& [id, q] : queues_) parked += q.parked.size();
     answers.reserve(parked);
-    polls.reserve(readers_.size());
-    for (auto& [id, r] : readers_) {
+    polls.reserve(queues_.size());
+    for (auto& [id, q] : queues_) {
       // A parked read still gets what is queued for it; the rest get EOF.
-      while (!r->parked.empty()) {
+      while (!q.parked.empty()) {
         std::string data;
         try {
-          if (HasDataLocked(*r)) data = TakeLocked(*r, r->parked.front().size);
+          if (HasDataLocked(q)) data = TakeLocked(q, q.parked.front().size);
         } catch (...) {
           data.clear();  // out of memory: EOF rather than no answer at all
         }
-        answers.push_back({r->parked.front().req, std::move(data)});
-        r->parked.pop_front();
+        answers.push_back({q.parked.front().req, std::move(data)});
+        q.parked.pop_front();
       }
-      if (r->poll) polls.push_back(std::exchange(r->poll, nullptr));
+      if (q.poll) polls.push_back(std::exchange(q.poll, nullptr));
     }
   }
   for (auto& a : answers) fuse_reply_buf(a.req, a.data.data(), a.data.size());
   for (fuse_pollhandle* ph : polls) Notify(ph);
-  changed_.notify_all();
+  changed_.SignalAll();
 }
 
 void EventsFile::StopEvents(std::chrono::milliseconds deadline) {
   {
-    std::unique_lock lock(mu_);
-    changed_.wait_for(lock, deadline, [&] {
-      return std::none_of(readers_.begin(), readers_.end(),
-                          [](const auto& e) { return HasDataLocked(*e.second); });
-    });
+    backup::MutexLock lock(&mu_);
+    auto until = std::chrono::steady_clock::now() + deadline;
+    while (AnyHasDataLocked()) {
+      if (!changed_.WaitUntil(&lock, until)) break;
+    }
   }
   EndStreams();
-  std::unique_lock lock(mu_);
-  changed_.wait_for(lock, deadline, [&] { return readers_.empty(); });
+  backup::MutexLock lock(&mu_);
+  auto until = std::chrono::steady_clock::now() + deadline;
+  while (!queues_.empty()) {
+    if (!changed_.WaitUntil(&lock, until)) break;
+  }
 }
 
 }  // namespace cbw::fs

@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
@@ -81,7 +82,10 @@ int Run(int argc, char** argv) {
 
   std::vector<std::unique_ptr<cbw::backup::Drive>> drives;
   std::vector<cbw::backup::Drive*> drive_ptrs;
-  for (const auto& dc : opts.drives) {
+  for (cbw::backup::DriveConfig dc : opts.drives) {
+    // SPEC 8: a cbwfs still exiting (flushing) holds the source a moment
+    // after its unmount; a restart waits for it rather than failing.
+    dc.lock_wait = std::chrono::seconds(10);
     auto d = cbw::backup::Drive::Open(dc);
     if (!d.ok()) return Fail("drive '" + dc.name + "': " + d.status().message());
     drive_ptrs.push_back(d->get());

@@ -46,7 +46,7 @@ NodeTable::Node NodeTable::Resolve(Ino ino) const {
     return n;
   }
   if (ino >= kJobInoBase) {
-    std::lock_guard lock(mu_);
+    backup::MutexLock lock(&mu_);
     auto it = dynamic_ids_.find(ino);
     if (it != dynamic_ids_.end()) {
       n.kind = ino >= kViewInoBase ? Kind::kView : Kind::kJob;
@@ -115,14 +115,14 @@ backup::Result<std::vector<NodeTable::Entry>> NodeTable::List(Ino dir) {
 
 void NodeTable::PruneDynamicInos() {
   {
-    std::lock_guard lock(mu_);
+    backup::MutexLock lock(&mu_);
     if (dynamic_ids_.size() < kPruneInodesAbove) return;
   }
   // The live ids are fetched before taking mu_: no registry call under it.
   std::set<std::string> jobs, views;
   for (const auto& info : registry_->JobFiles()) jobs.insert(info.id);
   for (const auto& id : registry_->SnapshotIds()) views.insert(id);
-  std::lock_guard lock(mu_);
+  backup::MutexLock lock(&mu_);
   for (auto it = dynamic_ids_.begin(); it != dynamic_ids_.end();) {
     bool view = it->first >= kViewInoBase;
     const auto& live = view ? views : jobs;
@@ -137,7 +137,7 @@ void NodeTable::PruneDynamicInos() {
 
 NodeTable::Ino NodeTable::DynamicIno(Kind kind, const std::string& id) {
   PruneDynamicInos();
-  std::lock_guard lock(mu_);
+  backup::MutexLock lock(&mu_);
   auto& serials = kind == Kind::kJob ? job_serials_ : view_serials_;
   auto [it, inserted] = serials.emplace(id, 0);
   if (inserted) it->second = next_serial_++;

@@ -5,12 +5,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
-#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "backup/job_registry.h"
+#include "backup/mutex.h"
 #include "backup/status.h"
 
 namespace cbw::fs {
@@ -61,17 +61,16 @@ class NodeTable {
   static bool IsDynamic(Kind kind) { return kind == Kind::kJob || kind == Kind::kView; }
 
  private:
-  Ino DynamicIno(Kind kind, const std::string& id);
-  void PruneDynamicInos();
+  Ino DynamicIno(Kind kind, const std::string& id) CBW_EXCLUDES(mu_);
+  void PruneDynamicInos() CBW_EXCLUDES(mu_);
 
   backup::JobRegistry* registry_;
 
-  mutable std::mutex mu_;
-  // Guarded by mu_:
-  std::map<std::string, uint64_t> job_serials_;   // jobs/<id> -> serial
-  std::map<std::string, uint64_t> view_serials_;  // snapshots/<id> -> serial
-  std::map<Ino, std::string> dynamic_ids_;        // dynamic ino -> id
-  uint64_t next_serial_ = 1;
+  mutable backup::Mutex mu_;
+  std::map<std::string, uint64_t> job_serials_ CBW_GUARDED_BY(mu_);   // jobs/<id> -> serial
+  std::map<std::string, uint64_t> view_serials_ CBW_GUARDED_BY(mu_);  // snapshots/<id> -> serial
+  std::map<Ino, std::string> dynamic_ids_ CBW_GUARDED_BY(mu_);        // dynamic ino -> id
+  uint64_t next_serial_ CBW_GUARDED_BY(mu_) = 1;
 };
 
 }  // namespace cbw::fs

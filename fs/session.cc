@@ -1,7 +1,10 @@
 #include "fs/session.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
@@ -68,6 +71,8 @@ Status Session::Mount(const std::string& mountpoint) {
   se_ = fuse_session_new(&args, &CbwFs::Ops(), sizeof(fuse_lowlevel_ops), fs_);
   fuse_opt_free_args(&args);
   if (!se_) return Status::Error(EINVAL, "cannot start FUSE with mount options '" + opts + "'");
+  // SIGUSR1 is blocked too, so that a stray one does not kill the daemon
+  // (its default action) with the mount up.
   sigset_t stop;
   sigemptyset(&stop);
   for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGUSR1}) sigaddset(&stop, sig);
@@ -128,33 +133,114 @@ Status Session::Daemonize() {
   return Status::Ok();
 }
 
+namespace {
+
+const char* SignalName(int sig) {
+  switch (sig) {
+    case SIGTERM:
+      return "SIGTERM";
+    case SIGINT:
+      return "SIGINT";
+    case SIGHUP:
+      return "SIGHUP";
+    default:
+      return "a signal";
+  }
+}
+
+// "drive0 (2 open handles), drive1 (1 open handle)"
+std::string Describe(const std::vector<CbwFs::OpenDrive>& open) {
+  std::string out;
+  for (const auto& d : open) {
+    if (!out.empty()) out += ", ";
+    out += d.name + " (" + std::to_string(d.handles) +
+           (d.handles == 1 ? " open handle)" : " open handles)");
+  }
+  return out;
+}
+
+}  // namespace
+
+int Session::WaitForSignal(int signal_fd, int wake_fd) {
+  for (;;) {
+    pollfd fds[2] = {{signal_fd, POLLIN, 0}, {wake_fd, POLLIN, 0}};
+    if (poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      backup::LogError(std::string("signal watcher: poll: ") + std::strerror(errno));
+      return -1;
+    }
+    if (fds[0].revents & POLLIN) {
+      signalfd_siginfo si{};
+      if (read(signal_fd, &si, sizeof si) == static_cast<ssize_t>(sizeof si)) {
+        return static_cast<int>(si.ssi_signo);
+      }
+    }
+    if (fds[1].revents & POLLIN) {
+      eventfd_t n;
+      eventfd_read(wake_fd, &n);
+      return 0;
+    }
+  }
+}
+
+void Session::WatchSignals(int signal_fd, int wake_fd, const std::function<void()>& on_stop) {
+  int sig = WaitForSignal(signal_fd, wake_fd);
+  if (sig <= 0) return;  // the loop ended by itself (unmount), or poll failed
+  // A stop while drive files are open would cut their users off (an ext4 on
+  // a loop device over a drive aborts its journal): serve until they close,
+  // unless a second signal insists. fusermount3 -u cannot stop it meanwhile
+  // either: the kernel refuses to unmount a busy mount.
+  std::vector<CbwFs::OpenDrive> open = fs_->BeginStop([wake_fd] { eventfd_write(wake_fd, 1); });
+  if (open.empty()) {
+    backup::LogInfo(std::string("got ") + SignalName(sig) + ": stopping");
+  } else {
+    backup::LogWarn(std::string("got ") + SignalName(sig) +
+                    " with drive files open: " + Describe(open) +
+                    "; serving until they are closed, then stopping (a second SIGTERM or "
+                    "SIGINT stops now)");
+    for (;;) {
+      int again = WaitForSignal(signal_fd, wake_fd);
+      if (again < 0 || loop_ended_.load()) return;
+      open = fs_->OpenDrives();
+      if (again > 0) {
+        backup::LogWarn(std::string("got ") + SignalName(again) + " again: stopping now" +
+                        (open.empty() ? "" : ", with drive files open: " + Describe(open)));
+        break;
+      }
+      if (open.empty()) {
+        backup::LogInfo("the drive files are closed: stopping");
+        break;
+      }
+      backup::LogInfo("still open: " + Describe(open));
+    }
+  }
+  backup::RunGuarded("stopping on a signal", [&] {
+    if (on_stop) on_stop();
+  });
+  // Whatever on_stop did, the loop ends. libfuse's loop only notices
+  // fuse_session_exit when its wait is interrupted, hence SIGUSR2.
+  fuse_session_exit(se_);
+  if (int e = pthread_kill(loop_thread_, SIGUSR2); e != 0) {
+    backup::LogError(std::string("waking the FUSE loop: ") + std::strerror(e));
+  }
+}
+
 Status Session::Loop(std::function<void()> on_stop) {
   loop_thread_ = pthread_self();
-  // The signal watcher: stops jobs while FUSE still serves, then ends the
-  // loop. libfuse's loop only notices fuse_session_exit when its wait is
-  // interrupted, hence SIGUSR2 to this thread. SIGUSR1 ends the watcher when
-  // the loop ended by itself (unmount).
-  std::thread watcher([this, on_stop = std::move(on_stop)] {
-    backup::RunGuarded("signal watcher", [&] {
-      sigset_t set;
-      sigemptyset(&set);
-      for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGUSR1}) sigaddset(&set, sig);
-      int sig = 0;
-      if (int e = sigwait(&set, &sig); e != 0) {
-        backup::LogError(std::string("signal watcher: sigwait: ") + std::strerror(e));
-        return;
-      }
-      if (sig == SIGUSR1) return;
-      backup::RunGuarded("stopping on a signal", [&] {
-        backup::LogInfo(std::string("got ") + strsignal(sig) + ": stopping");
-        if (on_stop) on_stop();
-      });
-      // Whatever on_stop did, the loop ends: a signal always stops the daemon.
-      fuse_session_exit(se_);
-      if (int e = pthread_kill(loop_thread_, SIGUSR2); e != 0) {
-        backup::LogError(std::string("waking the FUSE loop: ") + std::strerror(e));
-      }
-    });
+  // The stop signals are blocked in every thread (Mount), so they wait for
+  // the watcher's signalfd. The eventfd wakes the watcher when the loop ends
+  // by itself (unmount) and, during a stop, when a drive file closes.
+  sigset_t set;
+  sigemptyset(&set);
+  for (int sig : {SIGTERM, SIGINT, SIGHUP}) sigaddset(&set, sig);
+  backup::UniqueFd signal_fd(signalfd(-1, &set, SFD_CLOEXEC));
+  if (!signal_fd.valid()) return Status::FromErrno(errno, "signalfd");
+  wake_fd_ = backup::UniqueFd(eventfd(0, EFD_CLOEXEC));
+  if (!wake_fd_.valid()) return Status::FromErrno(errno, "eventfd");
+  loop_ended_ = false;
+  std::thread watcher([&] {
+    backup::RunGuarded("signal watcher",
+                       [&] { WatchSignals(signal_fd.get(), wake_fd_.get(), on_stop); });
   });
 
   fuse_loop_config* cfg = fuse_loop_cfg_create();
@@ -168,11 +254,10 @@ Status Session::Loop(std::function<void()> on_stop) {
   int r = fuse_session_loop_mt(se_, cfg);
   fuse_loop_cfg_destroy(cfg);
   ready_fd_.Reset();
-  // The watcher is in sigwait (SIGUSR1 ends it) unless a signal ended the
-  // loop and it is exiting on its own (ESRCH then is no error).
-  if (int e = pthread_kill(watcher.native_handle(), SIGUSR1); e != 0 && e != ESRCH) {
-    backup::LogError(std::string("stopping the signal watcher: ") + std::strerror(e));
-  }
+  // The watcher waits for a signal or for this (unless a signal ended the
+  // loop and it is finishing on its own).
+  loop_ended_ = true;
+  eventfd_write(wake_fd_.get(), 1);
   watcher.join();
   if (r < 0) return Status::Error(-r, std::string("FUSE loop: ") + std::strerror(-r));
   return Status::Ok();

@@ -4,6 +4,7 @@
 #include <fuse_lowlevel.h>
 #include <pthread.h>
 
+#include <atomic>
 #include <functional>
 #include <optional>
 #include <string>
@@ -39,17 +40,29 @@ class Session {
   // (setsid, stdio to /dev/null, cwd "/"), logs to syslog and returns OK.
   backup::Status Daemonize();
   // Runs the multithreaded loop until unmount or a signal. On SIGTERM,
-  // SIGINT or SIGHUP, `on_stop` runs first while the mount still serves (so
-  // events readers see jobs being cancelled), then the loop ends.
+  // SIGINT or SIGHUP (SPEC 8 "Stopping"): if drive files are open, logs which
+  // and keeps serving until they are all closed (or a second signal comes);
+  // then `on_stop` runs while the mount still serves (so events readers see
+  // jobs being cancelled), and the loop ends.
   backup::Status Loop(std::function<void()> on_stop);
   void Unmount();
 
  private:
+  // The next stop signal's number, 0 when woken through `wake_fd`, -1 when
+  // polling failed.
+  static int WaitForSignal(int signal_fd, int wake_fd);
+  // The signal watcher thread's body.
+  void WatchSignals(int signal_fd, int wake_fd, const std::function<void()>& on_stop);
+
   CbwFs* fs_;
   std::vector<std::string> mount_options_;
   fuse_session* se_ = nullptr;
   bool mounted_ = false;
   pthread_t loop_thread_{};
+  std::atomic<bool> loop_ended_{false};  // set by Loop for the watcher
+  // Wakes the watcher: the loop ended, or a drive file closed during a stop.
+  // A member (not Loop's) because CbwFs keeps the close callback that uses it.
+  backup::UniqueFd wake_fd_;
   backup::UniqueFd ready_fd_;  // the child's end of the "init done" pipe
 };
 

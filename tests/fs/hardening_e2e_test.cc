@@ -17,52 +17,11 @@
 #include <thread>
 #include <vector>
 
+#include "tests/fs/faultfs_mount.h"
 #include "tests/fs/shell_helpers.h"
 
 namespace cbw::test {
 namespace {
-
-// A faultfs mount (tests/tools/faultfs.cc) for the test's lifetime.
-class FaultFs {
- public:
-  FaultFs(const std::string& backing, const std::string& mnt) : mnt_(mnt) {
-    mkdir(backing.c_str(), 0755);
-    mkdir(mnt.c_str(), 0755);
-    struct stat base {};
-    stat(backing.c_str(), &base);
-    pid_ = fork();
-    if (pid_ == 0) {
-      execl(FAULTFS_PATH, "faultfs", backing.c_str(), mnt.c_str(), nullptr);
-      _exit(127);
-    }
-    mounted_ = WaitFor([&] {
-      struct stat st {};
-      return stat(mnt.c_str(), &st) == 0 && st.st_dev != base.st_dev;
-    });
-  }
-  ~FaultFs() {
-    if (pid_ <= 0) return;
-    RunCommand({"fusermount3", "-uz", mnt_});
-    kill(pid_, SIGTERM);
-    if (!WaitFor([&] { return waitpid(pid_, nullptr, WNOHANG) == pid_; },
-                 std::chrono::seconds(5))) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-  }
-  bool mounted() const { return mounted_; }
-  void SetRules(const std::string& rules) { WriteFileOrDie(mnt_ + "/.faults", rules); }
-  // Requests a slow or hang rule holds right now.
-  int Waiting() {
-    std::string st = ReadFileOrDie(mnt_ + "/.status");
-    return st.rfind("waiting ", 0) == 0 ? std::atoi(st.c_str() + 8) : -1;
-  }
-
- private:
-  std::string mnt_;
-  pid_t pid_ = -1;
-  bool mounted_ = false;
-};
 
 using SelfDeadlock = MountedDrive;
 
@@ -115,7 +74,7 @@ TEST_F(SelfDeadlock, TargetsThroughSymlinksIntoTheMountAreRefusedAtOnce) {
 // jobs/j still answer within 5 s, and cancelling lets the writers finish.
 TEST(HungTargetUnderLoad, CancelAndJobFilesAnswerWithThirtyTwoWritersInFlight) {
   TempDir dir;
-  FaultFs faults(dir / "backing", dir / "fmnt");
+  FaultFs faults(FAULTFS_PATH, dir / "backing", dir / "fmnt");
   if (!faults.mounted()) GTEST_SKIP() << "faultfs could not mount";
   constexpr uint64_t kSize = 64 << 20;
   std::string image = RandomBytes(kSize, 77);
