@@ -76,6 +76,8 @@ class Daemon:
         args += self.extra_args + [self.mnt]
         env = dict(os.environ)
         env.update(self.env or {})
+        if getattr(self, "_log", None):
+            self._log.close()
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=self._log, env=env)
@@ -109,6 +111,7 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc is not None:
+        if getattr(self, "_log", None):
             self._log.close()
+            self._log = None
         shutil.rmtree(self.dir, ignore_errors=True)
