@@ -188,7 +188,7 @@ void Server::Stop() {
     acceptor_.join();
     {
       MutexLock lock(&mu_);
-      cv_.Wait(&lock, [this]() CBW_REQUIRES(mu_) { return clients_.empty(); });
+      while (!clients_.empty()) cv_.Wait(&lock);
     }
     JoinFinished();
   }

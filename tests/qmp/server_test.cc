@@ -316,7 +316,10 @@ TEST(QmpServerTest, ClientsThatVanishMidCommandOrMidEventsLeaveNothingBehind) {
   Client last(env.dir / "q.sock");
   last.Negotiate();
   last.Send("{\"execute\":\"query-version\",\"id\":1}");
-  json r = last.Json();
+  json r;
+  do {
+    r = last.Json();  // past the events of the jobs still running
+  } while (r.is_object() && r.contains("event"));
   EXPECT_EQ(r["return"]["package"], "cbwfs " CBWFS_VERSION) << r.dump();
   s->Stop();
 }
