@@ -41,13 +41,6 @@ int Fail(const std::string& msg) {
   return 1;
 }
 
-// systemd's readiness protocol (Type=notify): a no-op unless NOTIFY_SOCKET is
-// set. STOPPING is said once, whichever way the stop began.
-void NotifyStopping() {
-  static std::atomic<bool> said{false};
-  if (!said.exchange(true)) sd_notify(0, "STOPPING=1");
-}
-
 // A path as given, made absolute against the start directory (the daemon
 // later runs in "/").
 std::string Absolute(const std::string& path, const char* cwd) {
@@ -74,6 +67,13 @@ int Run(int argc, char** argv) {
     return 0;
   }
   cbw::backup::SetLogLevel(opts.log_level);
+  // systemd's readiness protocol (Type=notify; sd_notify is a no-op unless
+  // NOTIFY_SOCKET is set): READY=1 at FUSE init, STOPPING=1 once, whichever
+  // way the stop began.
+  std::atomic<bool> said_stopping{false};
+  auto notify_stopping = [&said_stopping] {
+    if (!said_stopping.exchange(true)) sd_notify(0, "STOPPING=1");
+  };
   char cwd[PATH_MAX];
   if (!getcwd(cwd, sizeof cwd)) return Fail(std::string("getcwd: ") + std::strerror(errno));
   if (!opts.log_file.empty()) {
@@ -184,14 +184,14 @@ int Run(int argc, char** argv) {
   s = session.Loop([&] {
     // A signal: cancel the jobs while the mount still serves, so events
     // readers get BLOCK_JOB_CANCELLED and then end-of-file.
-    NotifyStopping();
+    notify_stopping();
     registry.Shutdown();
     fs.StopEvents(std::chrono::seconds(2));
   });
   // Teardown order: stop jobs (their events still reach open readers and QMP
   // clients), end parked reads and QMP connections, unmount, then the drives
   // are flushed and closed as they go out of scope.
-  NotifyStopping();
+  notify_stopping();
   registry.Shutdown();
   if (qmp) qmp->Stop();
   fs.Shutdown();
