@@ -566,6 +566,7 @@ void BackupJob::RunCbwTask(const std::shared_ptr<CbwTask>& task) {
   uint64_t zeros = 0;
   const uint64_t bytes = ClusterBytes(task->run.c0, task->run.c1);
   Status st = CopySync(target.get(), task->run.c0 * cluster_size_, bytes, &zeros);
+  if (st.ok() && !ending_.load()) drive_->NoteCbwCopy(bytes);  // MOUNTPOINT/metrics
   {
     MutexLock lock(&mu_);
     FinishClaimLocked(task->run, st.ok(), bytes - zeros, zeros, true);

@@ -327,30 +327,70 @@ Status Drive::RunSource(const Op& op) {
 
 void Drive::Submit(const Op& in, Done done) {
   Op op = in;
-  if (readonly_) return done(Status::Error(EROFS, "drive '" + name_ + "' is read-only"));
+  // Writes are timed from here to completion, whichever path they take.
+  const bool timed = op.kind == OpKind::kWrite;
+  const uint64_t start = timed ? MonoNs() : 0;
+  auto finish = [this, timed, start](Done& done, Result<size_t> r) {
+    if (timed) NoteWrite(r, MonoNs() - start);
+    done(std::move(r));
+  };
+  if (readonly_) return finish(done, Status::Error(EROFS, "drive '" + name_ + "' is read-only"));
   if (op.kind == OpKind::kWrite) {
-    if (op.len == 0) return done(size_t{0});
+    if (op.len == 0) return finish(done, size_t{0});
     if (op.off >= size_) {
-      return done(Status::Error(ENOSPC, "write past the end of drive '" + name_ + "'"));
+      return finish(done, Status::Error(ENOSPC, "write past the end of drive '" + name_ + "'"));
     }
   } else if (op.off >= size_ || op.len == 0) {
     return done(size_t{0});
   }
   op.len = static_cast<size_t>(std::min<uint64_t>(op.len, size_ - op.off));
   Result<size_t> r = Apply(op, /*may_block=*/false);
-  if (r.ok() || r.status().code() != EAGAIN) return done(std::move(r));
+  if (r.ok() || r.status().code() != EAGAIN) return finish(done, std::move(r));
   // The slow path: a thread that may wait runs it again from the start.
   std::shared_ptr<std::vector<char>> data;
   if (op.kind == OpKind::kWrite) {
     data = std::make_shared<std::vector<char>>(op.data, op.data + op.len);
     op.data = nullptr;
   }
-  slow_->Submit([this, op, data, done = std::move(done)]() mutable {
+  slow_->Submit([this, op, data, finish, done = std::move(done)]() mutable {
     if (data) op.data = data->data();
     Result<size_t> r = Status::Error(EIO, "drive write failed");
     RunGuarded("drive write", [&] { r = Apply(op, /*may_block=*/true); });
-    done(std::move(r));
+    finish(done, std::move(r));
   });
+}
+
+void Drive::NoteWrite(const Result<size_t>& r, uint64_t ns) {
+  writes_.fetch_add(1, std::memory_order_relaxed);
+  if (r.ok()) {
+    write_bytes_.fetch_add(*r, std::memory_order_relaxed);
+  } else {
+    write_errors_.fetch_add(1, std::memory_order_relaxed);
+  }
+  const double seconds = static_cast<double>(ns) * 1e-9;
+  size_t b = 0;
+  while (b < kWriteLatencyBounds.size() && seconds > kWriteLatencyBounds[b]) ++b;
+  latency_buckets_[b].fetch_add(1, std::memory_order_relaxed);
+  latency_sum_ns_.fetch_add(ns, std::memory_order_relaxed);
+}
+
+void Drive::NoteCbwCopy(uint64_t bytes) {
+  cbw_copies_.fetch_add(1, std::memory_order_relaxed);
+  cbw_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+}
+
+DriveStats Drive::Stats() const {
+  DriveStats s;
+  s.writes = writes_.load(std::memory_order_relaxed);
+  s.write_errors = write_errors_.load(std::memory_order_relaxed);
+  s.write_bytes = write_bytes_.load(std::memory_order_relaxed);
+  s.cbw_copies = cbw_copies_.load(std::memory_order_relaxed);
+  s.cbw_bytes = cbw_bytes_.load(std::memory_order_relaxed);
+  for (size_t i = 0; i < latency_buckets_.size(); ++i) {
+    s.latency_buckets[i] = latency_buckets_[i].load(std::memory_order_relaxed);
+  }
+  s.latency_sum_ns = latency_sum_ns_.load(std::memory_order_relaxed);
+  return s;
 }
 
 namespace {

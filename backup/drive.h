@@ -2,6 +2,7 @@
 
 #include <sys/types.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -39,6 +40,28 @@ class WriteHook {
   // from the start with may_block true on a thread that may wait. So hooks
   // must be idempotent: running a prefix of them twice is harmless.
   virtual Status BeforeWrite(uint64_t offset, uint64_t length, bool may_block) = 0;
+};
+
+// Write latency histogram bounds (seconds, Prometheus `le` values), from a
+// page-cache hit to the 30 s copy-before-write timeout. A write slower than
+// the last bound counts only in the +Inf bucket.
+inline constexpr std::array<double, 18> kWriteLatencyBounds = {
+    10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3,
+    10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0,  5.0,    30.0};
+
+// A drive's counters since it was opened (for MOUNTPOINT/metrics). Writes are
+// write() requests (not punches or zeroings), counted when they complete.
+struct DriveStats {
+  uint64_t writes = 0;        // completed, successful or not
+  uint64_t write_errors = 0;  // of those, failed
+  uint64_t write_bytes = 0;   // bytes written by the successful ones
+  uint64_t cbw_copies = 0;    // copy-before-write copies made by jobs
+  uint64_t cbw_bytes = 0;     // bytes those copies preserved (zero runs included)
+  // Writes by latency, from Submit to completion (fast and slow path alike):
+  // latency_buckets[i] counts those at most kWriteLatencyBounds[i] and above
+  // the previous bound; the last element those above every bound.
+  std::array<uint64_t, kWriteLatencyBounds.size() + 1> latency_buckets{};
+  uint64_t latency_sum_ns = 0;
 };
 
 struct DriveConfig {
@@ -128,6 +151,11 @@ class Drive {
   // Used bytes of the source (st_blocks * 512), for query-block.
   uint64_t AllocatedBytes() const;
 
+  // The counters, each read atomically (the set is not one instant).
+  DriveStats Stats() const;
+  // A job made a copy-before-write copy of `bytes` of this drive.
+  void NoteCbwCopy(uint64_t bytes);
+
   // Runs `change` on several drives at one common instant: closes the gates
   // of all of them (in address order), waits for in-flight writes, runs it,
   // reopens. Writes that returned before this call are visible to whatever
@@ -153,6 +181,8 @@ class Drive {
   // from a hook when !may_block means "retry on the slow path".
   Result<size_t> Apply(const Op& op, bool may_block);
   Status RunSource(const Op& op);
+  // Counts one completed write() that took `ns` nanoseconds.
+  void NoteWrite(const Result<size_t>& r, uint64_t ns);
   // fallocate(mode) of [off, off+len) on the source. Block devices take only
   // whole logical blocks: the unaligned edges are written as zeroes. Falls
   // back to writing zeroes where the filesystem does not support `mode`.
@@ -176,6 +206,15 @@ class Drive {
   std::condition_variable gate_cv_;
   std::mutex install_mu_;                          // serialises gate closers
   std::vector<std::shared_ptr<WriteHook>> hooks_;  // changed only with the gate closed
+
+  // Counters (relaxed atomics: statistics, no ordering with the data).
+  std::atomic<uint64_t> writes_{0};
+  std::atomic<uint64_t> write_errors_{0};
+  std::atomic<uint64_t> write_bytes_{0};
+  std::atomic<uint64_t> cbw_copies_{0};
+  std::atomic<uint64_t> cbw_bytes_{0};
+  std::array<std::atomic<uint64_t>, kWriteLatencyBounds.size() + 1> latency_buckets_{};
+  std::atomic<uint64_t> latency_sum_ns_{0};
 };
 
 }  // namespace cbw::backup

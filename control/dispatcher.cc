@@ -543,7 +543,7 @@ Reply QueryCommands(const Context&, const ordered_json& args) {
 
 // ---- one command --------------------------------------------------------
 
-std::string ReplyLine(const Reply& reply, const ordered_json* id) {
+std::string ReplyText(const Reply& reply, const ordered_json* id) {
   ordered_json line;
   if (reply.error) {
     ordered_json error;
@@ -557,8 +557,10 @@ std::string ReplyLine(const Reply& reply, const ordered_json* id) {
   return ToQmpText(line) + "\n";
 }
 
-// Checks the envelope as QEMU's dispatcher does, then runs the command.
-Reply RunCommand(const Context& ctx, const ordered_json& cmd, std::string* name) {
+// Checks the envelope as QEMU's dispatcher does, then runs the command if
+// `set` offers it.
+Reply RunCommand(const Context& ctx, const ordered_json& cmd, std::string* name,
+                 CommandSet set = CommandSet::kAll) {
   const ordered_json* execute = nullptr;
   const ordered_json* arguments = nullptr;
   for (const auto& [key, value] : cmd.items()) {
@@ -580,6 +582,7 @@ Reply RunCommand(const Context& ctx, const ordered_json& cmd, std::string* name)
   *name = execute->get<std::string>();
   static const ordered_json kNoArguments = ordered_json::object();
   for (const Command& c : kCommands) {
+    if (set == CommandSet::kNegotiation && c.run != QmpCapabilities) continue;
     if (*name == c.name) return c.run(ctx, arguments != nullptr ? *arguments : kNoArguments);
   }
   return Fail(
@@ -612,7 +615,7 @@ WriteOutcome Dispatcher::Execute(std::string_view bytes) {
     QmpError e = GenericError(parsed.error, parsed.message);
     LogErrorReply("", e);
     out.error = e.err;
-    out.last_reply = ReplyLine(Fail(e), nullptr);
+    out.last_reply = ReplyText(Fail(e), nullptr);
     return out;
   }
   const Context ctx{registry_, &options_};
@@ -620,7 +623,7 @@ WriteOutcome Dispatcher::Execute(std::string_view bytes) {
     std::string name;
     Reply reply = RunCommand(ctx, cmd, &name);
     auto id = cmd.find("id");
-    std::string line = ReplyLine(reply, id != cmd.end() ? &*id : nullptr);
+    std::string line = ReplyText(reply, id != cmd.end() ? &*id : nullptr);
     out.responses += line;
     if (reply.error) {
       LogErrorReply(name, *reply.error);
@@ -631,6 +634,22 @@ WriteOutcome Dispatcher::Execute(std::string_view bytes) {
     out.last_reply = std::move(line);
   }
   return out;
+}
+
+CommandOutcome Dispatcher::ExecuteCommand(const ordered_json& command, CommandSet set) {
+  const Context ctx{registry_, &options_};
+  CommandOutcome out;
+  Reply reply = RunCommand(ctx, command, &out.name, set);
+  out.error = std::move(reply.error);
+  out.ret = std::move(reply.ret);
+  return out;
+}
+
+std::string Dispatcher::ReplyLine(const CommandOutcome& outcome, const ordered_json* id) {
+  Reply reply;
+  reply.error = outcome.error;
+  reply.ret = outcome.ret;
+  return ReplyText(reply, id);
 }
 
 }  // namespace cbw::control

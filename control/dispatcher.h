@@ -2,11 +2,14 @@
 
 #include <cstdint>
 #include <functional>
+#include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <string_view>
 
 #include "backup/job_registry.h"
 #include "backup/job_types.h"
+#include "control/args.h"
 
 namespace cbw::control {
 
@@ -36,6 +39,17 @@ struct DispatcherOptions {
   std::function<backup::Status(backup::BackupOptions*)> vet_backup;
 };
 
+// The commands a transport offers: all of them, or only qmp_capabilities
+// (QMP's capability negotiation mode, where any other command is not found).
+enum class CommandSet { kAll, kNegotiation };
+
+// What one command did (ExecuteCommand).
+struct CommandOutcome {
+  std::string name;               // the command run, "" when the envelope was bad
+  std::optional<QmpError> error;  // set on failure
+  nlohmann::ordered_json ret;     // the return value on success
+};
+
 // QMP over bytes: parses a write's worth of commands, validates them strictly
 // (QEMU's order, classes and texts), calls the registry, renders replies.
 //
@@ -59,6 +73,15 @@ class Dispatcher {
   // semantic checks QEMU makes (device, format, bitmap, compress, job id,
   // speed), and only then does the registry see it.
   WriteOutcome Execute(std::string_view bytes);
+
+  // One parsed command (a JSON object), checked and run exactly as each
+  // command of Execute is, for transports that frame and answer commands
+  // one at a time (the QMP socket). Does not log.
+  CommandOutcome ExecuteCommand(const nlohmann::ordered_json& command,
+                                CommandSet set = CommandSet::kAll);
+  // The reply line for an outcome ("{"return": ...}" or "{"error": ...}",
+  // with `id` echoed when given), ending in a newline.
+  static std::string ReplyLine(const CommandOutcome& outcome, const nlohmann::ordered_json* id);
 
  private:
   backup::JobRegistry* registry_;

@@ -17,6 +17,7 @@
 
 #include "backup/log.h"
 #include "backup/threads.h"
+#include "control/metrics.h"
 #include "control/render.h"
 
 namespace cbw::fs {
@@ -73,6 +74,13 @@ struct CbwFs::JobHandle {
   std::string snapshot CBW_GUARDED_BY(mu);  // the record as of the last read at offset 0
 };
 
+// An open of metrics: like a job file, a snapshot taken at each read at
+// offset 0, so one read-through is one consistent text.
+struct CbwFs::MetricsHandle {
+  std::mutex mu;
+  std::string snapshot;
+};
+
 struct CbwFs::DirHandle {
   std::vector<NodeTable::Entry> entries;
 };
@@ -121,6 +129,13 @@ bool CbwFs::Stat(fuse_ino_t ino, struct stat* st) const {
       st->st_mode = S_IFREG | 0444;
       st->st_nlink = 1;
       return true;
+    case Kind::kMetrics:
+      st->st_mode = S_IFREG | 0444;
+      st->st_nlink = 1;
+      // The size now; reads (direct_io) go to the end of the text either way.
+      st->st_size = static_cast<off_t>(RenderMetrics().size());
+      clock_gettime(CLOCK_REALTIME, &st->st_mtim);
+      return true;
     case Kind::kDrive: {
       backup::Drive* d = registry_->drives()[n.drive];
       struct stat src {};
@@ -157,6 +172,14 @@ bool CbwFs::Stat(fuse_ino_t ino, struct stat* st) const {
     }
   }
   return false;
+}
+
+std::string CbwFs::RenderMetrics() const {
+  std::vector<control::DriveMetrics> drives;
+  for (const backup::Drive* d : registry_->drives()) {
+    drives.push_back({d->name(), d->size(), d->Stats()});
+  }
+  return control::RenderMetrics(drives, registry_->JobFiles());
 }
 
 void CbwFs::ReplyEntry(fuse_req_t req, fuse_ino_t ino, double timeout) {
@@ -272,6 +295,12 @@ void CbwFs::Open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
       fi->fh = reinterpret_cast<uint64_t>(events_.Open());
       break;
     }
+    case Kind::kMetrics: {
+      if (acc != O_RDONLY) return (void)fuse_reply_err(req, EACCES);
+      fi->direct_io = 1;
+      fi->fh = reinterpret_cast<uint64_t>(new MetricsHandle());
+      break;
+    }
     case Kind::kJob: {
       if (acc != O_RDONLY) return (void)fuse_reply_err(req, EACCES);
       auto info = registry_->GetJobFile(n.name);
@@ -342,6 +371,17 @@ void CbwFs::Read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_fi
         if (off == 0) {
           if (auto info = registry_->GetJobFile(h->id)) h->snapshot = control::RenderJobFile(*info);
         }
+        if (static_cast<uint64_t>(off) < h->snapshot.size()) data = h->snapshot.substr(off, size);
+      }
+      fuse_reply_buf(req, data.data(), data.size());
+      return;
+    }
+    case Kind::kMetrics: {
+      auto* h = reinterpret_cast<MetricsHandle*>(fi->fh);
+      std::string data;
+      {
+        std::lock_guard lock(h->mu);
+        if (off == 0) h->snapshot = RenderMetrics();
         if (static_cast<uint64_t>(off) < h->snapshot.size()) data = h->snapshot.substr(off, size);
       }
       fuse_reply_buf(req, data.data(), data.size());
@@ -418,6 +458,9 @@ void CbwFs::Release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     case Kind::kJob:
     case Kind::kView:
       delete reinterpret_cast<JobHandle*>(fi->fh);
+      break;
+    case Kind::kMetrics:
+      delete reinterpret_cast<MetricsHandle*>(fi->fh);
       break;
     default:
       break;

@@ -21,7 +21,7 @@
 namespace cbw::fs {
 
 // The FUSE edge: the low-level operations over the node table (root, one
-// file per drive, control, events, jobs/, snapshots/). Each request is
+// file per drive, control, events, jobs/, snapshots/, metrics). Each request is
 // answered exactly once; every op body runs in a guard that turns bad_alloc
 // into ENOMEM and any other exception into EIO, so none reaches libfuse.
 // The tree is fixed: creating, linking or renaming names fails with EROFS in
@@ -113,8 +113,11 @@ class CbwFs {
   using Kind = NodeTable::Kind;
   struct ControlHandle;
   struct JobHandle;
+  struct MetricsHandle;
   struct DirHandle;
 
+  // The metrics file's text now (drives' counters, jobs' records).
+  std::string RenderMetrics() const;
   // Fills `st` for ino; false if the node does not exist (now).
   bool Stat(fuse_ino_t ino, struct stat* st) const;
   void ReplyEntry(fuse_req_t req, fuse_ino_t ino, double timeout);

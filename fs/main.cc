@@ -9,8 +9,10 @@
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/wait.h>
+#include <systemd/sd-daemon.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -28,6 +30,7 @@
 #include "fs/cbw_fs.h"
 #include "fs/options.h"
 #include "fs/session.h"
+#include "qmp/server.h"
 
 namespace {
 
@@ -39,11 +42,20 @@ int Fail(const std::string& msg) {
   return 1;
 }
 
+// A path as given, made absolute against the start directory (the daemon
+// later runs in "/").
+std::string Absolute(const std::string& path, const char* cwd) {
+  if (path.empty() || path[0] == '/') return path;
+  return std::string(cwd) + "/" + path;
+}
+
 int Run(int argc, char** argv) {
   auto parsed = cbw::fs::ParseOptions(argc, argv);
   if (!parsed.ok()) {
-    std::cerr << "cbwfs: " << parsed.status().message() << "\n"
-              << "Try 'cbwfs --help' for more information.\n";
+    std::cerr << "cbwfs: " << parsed.status().message() << "\n";
+    // A config file that cannot be read is not a usage error.
+    if (parsed.status().code() != EINVAL) return 1;
+    std::cerr << "Try 'cbwfs --help' for more information.\n";
     return 2;
   }
   cbw::fs::Options opts = std::move(parsed).value();
@@ -56,6 +68,27 @@ int Run(int argc, char** argv) {
     return 0;
   }
   cbw::backup::SetLogLevel(opts.log_level);
+  // systemd's readiness protocol (Type=notify; sd_notify is a no-op unless
+  // NOTIFY_SOCKET is set): READY=1 at FUSE init, STOPPING=1 once, whichever
+  // way the stop began.
+  std::atomic<bool> said_stopping{false};
+  auto notify_stopping = [&said_stopping] {
+    if (!said_stopping.exchange(true)) sd_notify(0, "STOPPING=1");
+  };
+  char cwd[PATH_MAX];
+  if (!getcwd(cwd, sizeof cwd)) return Fail(std::string("getcwd: ") + std::strerror(errno));
+  if (!opts.log_file.empty()) {
+    cbw::backup::Status ls =
+        cbw::backup::SetLogFile(opts.log_file == "-" ? "-" : Absolute(opts.log_file, cwd));
+    if (!ls.ok()) return Fail(ls.message());
+    // Until the daemon detaches (or, in the foreground, until the mount is
+    // live) messages also reach the terminal, so a failed start is seen.
+    cbw::backup::SetLogCopyToStderr(true);
+  } else if (!opts.foreground && !cbw::backup::SyslogSocketAvailable()) {
+    cbw::backup::LogWarn(
+        "no syslog socket (/dev/log): messages are on stderr until cbwfs detaches and lost "
+        "after that; use --log-file PATH to keep them");
+  }
 
   // The mountpoint, resolved now: targets under it are refused by path.
   // statfs always asks the filesystem (stat may answer from a dead FUSE
@@ -77,8 +110,6 @@ int Run(int argc, char** argv) {
   if (!realpath(opts.mountpoint.c_str(), real)) {
     return Fail("mountpoint '" + opts.mountpoint + "': " + std::strerror(errno));
   }
-  char cwd[PATH_MAX];
-  if (!getcwd(cwd, sizeof cwd)) return Fail(std::string("getcwd: ") + std::strerror(errno));
 
   std::vector<std::unique_ptr<cbw::backup::Drive>> drives;
   std::vector<cbw::backup::Drive*> drive_ptrs;
@@ -114,6 +145,22 @@ int Run(int argc, char** argv) {
   fcfg.cluster_size = opts.cluster_size;
   cbw::fs::CbwFs fs(&registry, &bus, &dispatcher, fcfg);
 
+  // The QMP socket exists before the mount is announced live, so a client
+  // started right after cbwfs returns finds it.
+  std::unique_ptr<cbw::qmp::Server> qmp;
+  if (!opts.qmp_path.empty()) {
+    auto listening = cbw::qmp::Server::Listen(Absolute(opts.qmp_path, cwd), &dispatcher, &bus);
+    if (!listening.ok()) return Fail(listening.status().message());
+    qmp = std::move(listening).value();
+  }
+  if (opts.foreground) {
+    const std::string status = std::string("STATUS=serving ") + real;
+    fs.SetOnInit([status] {
+      cbw::backup::SetLogCopyToStderr(false);
+      sd_notify(0, ("READY=1\n" + status).c_str());
+    });
+  }
+
   cbw::fs::Session session(&fs, opts.mount_options);
   cbw::backup::Status s = session.Mount(real);
   if (!s.ok()) return Fail(s.message());
@@ -130,21 +177,27 @@ int Run(int argc, char** argv) {
     s = session.Daemonize();
     if (!s.ok()) return Fail(s.message());
     // Only the detached child gets here; the parent exited in Daemonize.
+    // Its stderr is /dev/null now.
+    cbw::backup::SetLogCopyToStderr(false);
   }
   // Threads start here, in the process that serves (fork keeps none).
   registry.StartBackgroundThreads();
   fs.Start();
+  if (qmp) qmp->Start();
   LogInfo(std::string("mounted on ") + real);
   s = session.Loop([&] {
     // A signal: cancel the jobs while the mount still serves, so events
     // readers get BLOCK_JOB_CANCELLED and then end-of-file.
+    notify_stopping();
     registry.Shutdown();
     fs.StopEvents(std::chrono::seconds(2));
   });
-  // Teardown order: stop jobs (their events still reach open readers), end
-  // parked reads, unmount, then the drives are flushed and closed as they go
-  // out of scope.
+  // Teardown order: stop jobs (their events still reach open readers and QMP
+  // clients), end parked reads and QMP connections, unmount, then the drives
+  // are flushed and closed as they go out of scope.
+  notify_stopping();
   registry.Shutdown();
+  if (qmp) qmp->Stop();
   fs.Shutdown();
   session.Unmount();
   for (auto* d : drive_ptrs) {

@@ -37,6 +37,9 @@ NodeTable::Node NodeTable::Resolve(Ino ino) const {
     case kSnapshotsIno:
       n.kind = Kind::kSnapshotsDir;
       return n;
+    case kMetricsIno:
+      n.kind = Kind::kMetrics;
+      return n;
     default:
       break;
   }
@@ -63,6 +66,7 @@ backup::Result<NodeTable::Ino> NodeTable::Lookup(Ino parent, std::string_view na
       if (name == "events") return kEventsIno;
       if (name == "jobs") return kJobsIno;
       if (name == "snapshots") return kSnapshotsIno;
+      if (name == "metrics") return kMetricsIno;
       const auto& drives = registry_->drives();
       for (size_t i = 0; i < drives.size(); ++i) {
         if (drives[i]->name() == name) return kFirstDriveIno + i;
@@ -94,6 +98,7 @@ backup::Result<std::vector<NodeTable::Entry>> NodeTable::List(Ino dir) {
       out.push_back({"events", kEventsIno, S_IFREG});
       out.push_back({"jobs", kJobsIno, S_IFDIR});
       out.push_back({"snapshots", kSnapshotsIno, S_IFDIR});
+      out.push_back({"metrics", kMetricsIno, S_IFREG});
       return out;
     }
     case Kind::kJobsDir:

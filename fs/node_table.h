@@ -16,7 +16,7 @@
 namespace cbw::fs {
 
 // The tree's inode numbers and names (SPEC 2): fixed numbers for the root,
-// control, events, jobs/, snapshots/ and each drive; numbers handed out on
+// control, events, jobs/, snapshots/, metrics and each drive; numbers handed out on
 // demand for jobs/<id> and snapshots/<id>, which come and go for the
 // daemon's whole life. Once there are many, the numbers of ids that no longer
 // exist are forgotten (a later lookup of the same id gets a new number; the
@@ -34,8 +34,20 @@ class NodeTable {
   static constexpr Ino kEventsIno = 3;
   static constexpr Ino kJobsIno = 4;
   static constexpr Ino kSnapshotsIno = 5;
+  static constexpr Ino kMetricsIno = 6;
 
-  enum class Kind { kNone, kRoot, kControl, kEvents, kJobsDir, kSnapshotsDir, kDrive, kJob, kView };
+  enum class Kind {
+    kNone,
+    kRoot,
+    kControl,
+    kEvents,
+    kJobsDir,
+    kSnapshotsDir,
+    kMetrics,
+    kDrive,
+    kJob,
+    kView
+  };
   struct Node {
     Kind kind = Kind::kNone;
     size_t drive = 0;  // kDrive: index into registry->drives()

@@ -1,7 +1,10 @@
 #include "fs/options.h"
 
+#include <algorithm>
 #include <boost/program_options.hpp>
 #include <cctype>
+#include <cerrno>
+#include <fstream>
 #include <set>
 #include <sstream>
 
@@ -13,22 +16,44 @@ using backup::Status;
 
 namespace {
 
-const std::set<std::string> kReservedNames = {"control", "events", "jobs", "snapshots"};
+const std::set<std::string> kReservedNames = {"control", "events", "jobs", "snapshots", "metrics"};
+
+// The options a config file may set too (all but --config, --help, --version).
+po::options_description Settings() {
+  po::options_description d;
+  d.add_options()  //
+      ("drive",
+       po::value<std::vector<std::string>>()->composing()->value_name("NAME=PATH[,readonly=on]"),
+       "a source image or block device, shown as MOUNTPOINT/NAME (repeatable, at least one)")  //
+      ("foreground,f", po::bool_switch(),
+       "stay in the foreground and log to stderr (else detach once the mount is live)")  //
+      ("mount-options,o",
+       po::value<std::vector<std::string>>()->composing()->value_name("OPT[,OPT...]"),
+       "FUSE mount options (e.g. allow_other)")  //
+      ("cluster-size", po::value<std::string>()->value_name("BYTES"),
+       "CBW granularity, a power of two from 4K to 16M (default 64K)")  //
+      ("state-dir", po::value<std::string>()->value_name("DIR"),
+       "keep job records in DIR across restarts")  //
+      ("qmp", po::value<std::string>()->value_name("PATH"),
+       "also serve QMP on a unix socket at PATH (mode 0600), for qmp-shell and other QMP "
+       "clients")  //
+      ("log-file", po::value<std::string>()->value_name("PATH"),
+       "append log messages to PATH ('-': stderr, kept when detached); default: stderr in "
+       "the foreground, syslog once detached")  //
+      ("log-level", po::value<std::string>()->value_name("LEVEL"),
+       "error, warn, info (default) or debug");
+  return d;
+}
 
 po::options_description Describe() {
   po::options_description d("Options");
-  d.add_options()                                                    //
-      ("drive", po::value<std::vector<std::string>>()->composing(),  //
-       "NAME=PATH[,readonly=on]: a source image or block device, shown as MOUNTPOINT/NAME "
-       "(repeatable, at least one)")                                                              //
-      ("foreground,f", "stay in the foreground and log to stderr")                                //
-      (",o", po::value<std::vector<std::string>>()->composing(),                                  //
-       "OPT[,OPT...]: FUSE mount options (e.g. allow_other)")                                     //
-      ("cluster-size", po::value<std::string>(),                                                  //
-       "BYTES: CBW granularity, a power of two from 4K to 16M (default 64K)")                     //
-      ("state-dir", po::value<std::string>(), "DIR: where job records are kept across restarts")  //
-      ("log-level", po::value<std::string>(), "error, warn, info (default) or debug")             //
-      ("help,h", "show this help")                                                                //
+  const po::options_description settings = Settings();
+  for (const auto& option : settings.options()) d.add(option);
+  d.add_options()  //
+      ("config", po::value<std::string>()->value_name("FILE"),
+       "read options from FILE, one 'option = value' a line (e.g. 'drive = vm=/img/vm.raw', "
+       "'mountpoint = /mnt/cbw'); options on the command line override it")  //
+      ("help,h", "show this help")                                           //
       ("version,V", "show the version");
   return d;
 }
@@ -61,12 +86,17 @@ bool ParseSize(const std::string& text, uint64_t* bytes) {
 
 std::string UsageText() {
   std::ostringstream out;
-  out << "Usage: cbwfs [OPTIONS] --drive NAME=PATH [--drive NAME=PATH ...] MOUNTPOINT\n\n"
+  out << "Usage: cbwfs [OPTIONS] --drive NAME=PATH [--drive NAME=PATH ...] MOUNTPOINT\n"
+         "       cbwfs --config FILE [OPTIONS]\n\n"
          "Shows each drive as MOUNTPOINT/NAME behind a copy-before-write interposer and\n"
-         "takes QMP drive-backup commands written into MOUNTPOINT/control.\n\n"
+         "takes QMP drive-backup commands written into MOUNTPOINT/control (or sent to the\n"
+         "--qmp socket). MOUNTPOINT/events streams QMP events, jobs/ holds job records,\n"
+         "snapshots/ point-in-time views, metrics Prometheus counters.\n\n"
       << Describe()
-      << "\nUnmount with `fusermount3 -u MOUNTPOINT` or SIGTERM. Exit status: 0 after a clean\n"
-         "unmount, 2 for a usage error, 1 for any other failure.\n";
+      << "\nUnmount with `fusermount3 -u MOUNTPOINT` or SIGTERM (which waits for open drives to\n"
+         "close; a second one stops at once). Without -f, cbwfs returns once the mount is\n"
+         "live. Exit status: 0 after a clean unmount, 2 for a usage error, 1 for any other\n"
+         "failure. See cbwfs(1).\n";
   return out.str();
 }
 
@@ -88,16 +118,49 @@ backup::Result<Options> ParseOptions(int argc, char** argv) {
             .style(po::command_line_style::default_style & ~po::command_line_style::allow_guessing)
             .run(),
         vm);
+    if (vm.count("help") || vm.count("version")) {
+      Options o;
+      o.help = vm.count("help") > 0;
+      o.version = vm.count("version") > 0;
+      return o;
+    }
+    if (vm.count("config")) {
+      const std::string path = vm["config"].as<std::string>();
+      if (path.empty()) return Usage("--config: empty FILE");
+      std::ifstream in(path);
+      if (!in) return Status::FromErrno(errno, "config file '" + path + "'");
+      po::options_description file_options;
+      file_options.add(Settings()).add(hidden);
+      po::parsed_options parsed(nullptr);
+      try {
+        parsed = po::parse_config_file(in, file_options, /*allow_unregistered=*/false);
+      } catch (const po::error& e) {
+        return Usage("config file '" + path + "': " + e.what());
+      }
+      if (in.bad()) return Status::FromErrno(EIO, "config file '" + path + "'");
+      // The command line wins, for repeatable options too: drop the file's
+      // values of every option given there.
+      auto& opts = parsed.options;
+      opts.erase(std::remove_if(opts.begin(), opts.end(),
+                                [&](const po::option& opt) {
+                                  auto it = vm.find(opt.string_key);
+                                  return it != vm.end() && !it->second.defaulted();
+                                }),
+                 opts.end());
+      try {
+        po::store(parsed, vm);
+      } catch (const po::error& e) {
+        return Usage("config file '" + path + "': " + e.what());
+      }
+    }
     po::notify(vm);
   } catch (const po::error& e) {
     return Usage(e.what());
   }
 
   Options o;
-  o.help = vm.count("help") > 0;
-  o.version = vm.count("version") > 0;
-  if (o.help || o.version) return o;
-  o.foreground = vm.count("foreground") > 0;
+  o.foreground = vm["foreground"].as<bool>();
+  if (vm.count("config")) o.config_file = vm["config"].as<std::string>();
 
   if (vm.count("mountpoint")) {
     const auto& mps = vm["mountpoint"].as<std::vector<std::string>>();
@@ -149,8 +212,8 @@ backup::Result<Options> ParseOptions(int argc, char** argv) {
   }
   if (o.drives.empty()) return Usage("at least one --drive NAME=PATH is required");
 
-  if (vm.count("-o")) {
-    for (const std::string& group : vm["-o"].as<std::vector<std::string>>()) {
+  if (vm.count("mount-options")) {
+    for (const std::string& group : vm["mount-options"].as<std::vector<std::string>>()) {
       std::stringstream ss(group);
       std::string opt;
       while (std::getline(ss, opt, ',')) {
@@ -170,6 +233,14 @@ backup::Result<Options> ParseOptions(int argc, char** argv) {
   if (vm.count("state-dir")) {
     o.state_dir = vm["state-dir"].as<std::string>();
     if (o.state_dir.empty()) return Usage("--state-dir: empty DIR");
+  }
+  if (vm.count("qmp")) {
+    o.qmp_path = vm["qmp"].as<std::string>();
+    if (o.qmp_path.empty()) return Usage("--qmp: empty PATH");
+  }
+  if (vm.count("log-file")) {
+    o.log_file = vm["log-file"].as<std::string>();
+    if (o.log_file.empty()) return Usage("--log-file: empty PATH");
   }
   if (vm.count("log-level")) {
     const std::string& l = vm["log-level"].as<std::string>();

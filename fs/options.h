@@ -18,13 +18,22 @@ struct Options {
   std::vector<std::string> mount_options;  // -o, split at commas
   uint64_t cluster_size = 64 * 1024;
   std::string state_dir;
+  std::string qmp_path;     // --qmp: "" = no QMP socket
+  std::string log_file;     // --log-file: "" = default sinks, "-" = stderr
+  std::string config_file;  // --config, as given
   backup::LogLevel log_level = backup::LogLevel::kInfo;
   bool help = false;
   bool version = false;
 };
 
-// Parses argv. On a usage error returns EINVAL with a message naming the bad
-// option or value (the caller prints it and exits 2). Pure: touches no files.
+// Parses argv and, with --config FILE, the file's `option = value` lines (the
+// long options without dashes, `mountpoint = PATH` for the MOUNTPOINT; `#`
+// starts a comment). An option given on the command line replaces the
+// file's values for it (repeatable ones included). On a usage error
+// (command line or file) returns EINVAL with a message naming the bad option
+// or value (the caller prints it and exits 2); a config file that cannot be
+// read returns its errno with a message naming it (exit 1). Touches no file
+// but the config file.
 backup::Result<Options> ParseOptions(int argc, char** argv);
 // The --help text.
 std::string UsageText();

@@ -98,13 +98,33 @@ TEST_F(DispatcherTest, QueryCommandsListsEveryCommand) {
   ordered_json ret = ReturnOf(env_.Run(ReadExample("query-commands.json")));
   std::vector<std::string> names;
   for (const auto& c : ret) names.push_back(c["name"]);
-  std::vector<std::string> want = {
-      "qmp_capabilities",    "query-version",      "query-commands",    "query-block",
-      "drive-backup",        "transaction",        "query-block-jobs",  "query-jobs",
-      "block-job-set-speed", "block-job-cancel",   "block-job-pause",   "block-job-resume",
-      "block-job-complete",  "block-job-finalize", "block-job-dismiss", "job-pause",
-      "job-resume",          "job-cancel",         "job-complete",      "job-finalize",
-      "job-dismiss"};
+  std::vector<std::string> want = {"qmp_capabilities",
+                                   "query-version",
+                                   "query-commands",
+                                   "query-block",
+                                   "drive-backup",
+                                   "transaction",
+                                   "block-dirty-bitmap-add",
+                                   "block-dirty-bitmap-remove",
+                                   "block-dirty-bitmap-clear",
+                                   "block-dirty-bitmap-enable",
+                                   "block-dirty-bitmap-disable",
+                                   "block-dirty-bitmap-merge",
+                                   "query-block-jobs",
+                                   "query-jobs",
+                                   "block-job-set-speed",
+                                   "block-job-cancel",
+                                   "block-job-pause",
+                                   "block-job-resume",
+                                   "block-job-complete",
+                                   "block-job-finalize",
+                                   "block-job-dismiss",
+                                   "job-pause",
+                                   "job-resume",
+                                   "job-cancel",
+                                   "job-complete",
+                                   "job-finalize",
+                                   "job-dismiss"};
   EXPECT_EQ(names, want);
   // Every listed command answers something other than CommandNotFound.
   for (const std::string& name : names) {

@@ -42,8 +42,8 @@ std::set<std::string> List(const std::string& dir) {
 }
 
 TEST_F(DriveTest, TreeAndAttributes) {
-  EXPECT_EQ(List(mount_.mnt()),
-            (std::set<std::string>{".", "..", "drive0", "control", "events", "jobs", "snapshots"}));
+  EXPECT_EQ(List(mount_.mnt()), (std::set<std::string>{".", "..", "drive0", "control", "events",
+                                                       "jobs", "metrics", "snapshots"}));
   struct stat st {};
   ASSERT_EQ(stat(drive().c_str(), &st), 0);
   EXPECT_TRUE(S_ISREG(st.st_mode));

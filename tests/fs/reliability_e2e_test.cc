@@ -831,7 +831,7 @@ TEST_F(Hostile, TargetsThatAreNotFilesOrLeadIntoTheMountAreRefusedAndTouchNothin
   EXPECT_TRUE(Sh("test -p $D/fifo").exit_code == 0);
   EXPECT_EQ(ReadFileOrDie(dir_ / "src.img"), image_);
   EXPECT_EQ(Sh("ls -A jobs snapshots").out, "jobs:\n\nsnapshots:\n");
-  EXPECT_EQ(Sh("ls -A").out, "control\ndrive0\nevents\njobs\nsnapshots\n");
+  EXPECT_EQ(Sh("ls -A").out, "control\ndrive0\nevents\njobs\nmetrics\nsnapshots\n");
 }
 
 TEST_F(Hostile, AnotherLiveJobsTargetUnderAnyNameIsBusyAndUntouched) {
