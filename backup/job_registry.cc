@@ -240,6 +240,7 @@ Status JobRegistry::StartBackups(const std::vector<BackupOptions>& jobs, Complet
     req.mode = p.options.mode;
     req.format = p.options.format;
     req.size = p.drive->size();
+    req.io_timeout = std::chrono::milliseconds(options_.target_timeout_ms);
     Result<std::shared_ptr<Target>> t = OpenTarget(req, drives_);
     if (!t.ok()) return refuse(t.status());
     p.target = std::move(*t);
