@@ -72,6 +72,10 @@ std::string OneLine(std::string s) {
 // The errno whose text a QEMU tool printed, so a failed create keeps the
 // errno SPEC 2.2 promises (ENOSPC, EACCES, ...); EIO when none is named.
 int ErrnoFromText(const std::string& text) {
+  // QEMU's image locking: another process has the image open.
+  if (text.find("Failed to get") != std::string::npos && text.find("lock") != std::string::npos) {
+    return EBUSY;
+  }
   for (int e :
        {ENOSPC, EDQUOT, EACCES, EPERM, EROFS, ENOENT, ENOTDIR, EISDIR, EFBIG, EBUSY, EAGAIN, EIO}) {
     if (text.find(std::strerror(e)) != std::string::npos) return e;
@@ -321,13 +325,14 @@ Status Qcow2Target::StartServer() {
   options.timeout = io_timeout_;
   const auto deadline = std::chrono::steady_clock::now() + kStartTimeout;
   auto pause = std::chrono::milliseconds(1);
+  auto died = [&] {
+    const std::string err = OneLine(qemu_nbd_->Stderr());
+    return Status::Error(ErrnoFromText(err), "Could not open '" + spec_ + "': qemu-nbd " +
+                                                 qemu_nbd_->DescribeStatus() +
+                                                 (err.empty() ? "" : ": " + err));
+  };
   for (;;) {
-    if (qemu_nbd_->exited()) {
-      const std::string err = OneLine(qemu_nbd_->Stderr());
-      return Status::Error(ErrnoFromText(err), "Could not open '" + spec_ + "': qemu-nbd " +
-                                                   qemu_nbd_->DescribeStatus() +
-                                                   (err.empty() ? "" : ": " + err));
-    }
+    if (qemu_nbd_->exited()) return died();
     struct stat st {};
     if (lstat(sock.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
       // Only a refused connect is retried: an accepted one is qemu-nbd's
@@ -342,6 +347,14 @@ Status Qcow2Target::StartServer() {
         return Status::Ok();
       }
       if (t.status().code() != ECONNREFUSED) {
+        // qemu-nbd listens before it opens the image: a connection it drops
+        // is usually the image refusing to open (locked, unreadable), which
+        // its exit status and message say better.
+        if (qemu_nbd_->WaitUntil(std::chrono::steady_clock::now() + std::chrono::seconds(2))) {
+          Status s = died();
+          qemu_nbd_.reset();
+          return s;
+        }
         StopServer(std::chrono::milliseconds(0));
         return t.status();
       }

@@ -15,6 +15,7 @@
 #include <sstream>
 #include <thread>
 
+#include "tests/backup/nbd_test_util.h"
 #include "tests/backup/test_util.h"
 #include "tests/lib/nbd_server.h"
 
@@ -23,6 +24,7 @@ namespace {
 
 using cbw::test::NbdServer;
 using testing::EventRecorder;
+using testing::NbdJobFixture;
 using testing::RandomBytes;
 using testing::SameBytes;
 using testing::TempDir;
@@ -387,40 +389,6 @@ TEST(NbdTargetTest, ServerGoneFailsRequestsAtOnce) {
 }
 
 // ---------------------------------------------------------------- jobs
-
-// One drive and a registry with a short target timeout.
-struct NbdJobFixture {
-  explicit NbdJobFixture(uint64_t size, uint32_t target_timeout_ms = 30'000) {
-    image = RandomBytes(size, 77);
-    source = dir / "source.img";
-    testing::WriteAt(source, image, 0);
-    auto d = Drive::Open(DriveConfig{"drive0", source, false});
-    if (!d.ok()) std::abort();
-    drive = std::move(*d);
-    RegistryOptions o;
-    o.base_dir = dir.path();
-    o.target_timeout_ms = target_timeout_ms;
-    registry = std::make_unique<JobRegistry>(std::vector<Drive*>{drive.get()}, &bus, o);
-  }
-  BackupOptions Opts(const std::string& target) const {
-    BackupOptions o;
-    o.device = "drive0";
-    o.target = target;
-    o.mode = TargetMode::kExisting;
-    return o;
-  }
-  bool Ended(const std::string& id) const {
-    auto i = registry->GetJobFile(id);
-    return i && i->result != JobResult::kNone;
-  }
-  JobInfo Info(const std::string& id) const { return *registry->GetJobFile(id); }
-
-  TempDir dir;
-  std::string image, source;
-  EventBus bus;
-  std::unique_ptr<Drive> drive;
-  std::unique_ptr<JobRegistry> registry;
-};
 
 TEST(NbdJobTest, FullBackupEqualsTheDriveOverwritingOldData) {
   NbdJobFixture f(6 * kMiB + 4097);  // an unaligned tail: read-modify-write
