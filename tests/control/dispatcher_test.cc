@@ -217,8 +217,12 @@ TEST_F(DispatcherTest, ValidationErrors) {
       {db + R"({"device": "nope", "sync": "incremental", "target": "@T@", "speed": -1,)"
             R"( "job-id": "a/b", "format": "qcow2", "compress": true}})",
        ENODEV, Generic("Cannot find device='nope' nor node-name='nope'")},
+      {db + "{" + full + R"(, "format": "spaghetti-noodles", "compress": true, "speed": -1}})",
+       EINVAL, Generic("Unknown file format 'spaghetti-noodles'")},
+      {db + "{" + full + R"(, "format": "vmdk", "compress": true}})", EINVAL,
+       Generic("Format 'vmdk' is not supported for backup targets (raw and qcow2 are)")},
       {db + "{" + full + R"(, "format": "qcow2", "compress": true, "speed": -1}})", EINVAL,
-       Generic("Unknown file format 'qcow2'")},
+       Generic("Compression is not supported for this drive drive0")},
       {db + R"({"device": "drive0", "sync": "incremental", "target": "@T@", "compress": true}})",
        EINVAL, Generic("must provide a valid bitmap name for 'incremental' sync mode")},
       {db + R"({"device": "drive0", "sync": "bitmap", "target": "@T@"}})", EINVAL,
@@ -474,6 +478,23 @@ TEST_F(DispatcherTest, DriveBackupExistingExample) {
   ExpectReply(env_, Example("drive-backup-existing.json", env_.dir()), 0, kOk);
   ASSERT_TRUE(env_.WaitForEnd("drive0"));
   EXPECT_EQ(ReadFile(T("drive0-existing.img")), ReadFile(env_.drive_path(0)));
+}
+
+TEST_F(DispatcherTest, DriveBackupQcow2Example) {
+  // qemu-img creates the image, a qemu-nbd child writes it.
+  ExpectReply(env_, Example("drive-backup-qcow2.json", env_.dir()), 0, kOk);
+  ASSERT_TRUE(env_.WaitForEnd("drive0"));
+  auto file = env_.registry().GetJobFile("drive0");
+  ASSERT_TRUE(file);
+  EXPECT_EQ(file->result, backup::JobResult::kSuccess) << file->error.value_or("");
+  EXPECT_EQ(ReadFile(T("drive0.qcow2")).substr(0, 4), std::string("QFI\xfb", 4));
+  // The NBD example names a server; here none listens on it.
+  std::string nbd = ReadExample("drive-backup-nbd.json");
+  WriteOutcome o = env_.Run(Replace(nbd, "/run/backup-server/nbd.sock", T("none.sock")));
+  EXPECT_EQ(o.error, ENOENT) << o.last_reply;
+  EXPECT_EQ(
+      o.last_reply,
+      Generic("Failed to connect to '" + T("none.sock") + "': No such file or directory") + "\n");
 }
 
 TEST_F(DispatcherTest, TargetErrorsCarryTheOsErrno) {
