@@ -27,6 +27,7 @@ using testing::EventRecorder;
 using testing::NbdJobFixture;
 using testing::RandomBytes;
 using testing::SameBytes;
+using testing::Sanitized;
 using testing::TempDir;
 using testing::WaitFor;
 
@@ -309,6 +310,41 @@ TEST(NbdTargetTest, FullExportFailsWithEnospc) {
   EXPECT_FALSE(t->dead()) << "an error reply is not a dead connection";
 }
 
+TEST(NbdTargetTest, ASlowServerIsNotDeadAndSeesAtMostSixteenRequests) {
+  TempDir dir;
+  const std::string log = dir / "slow.log";
+  // Each write takes 150 ms; the server would take 64 at once.
+  auto s = NbdServer::Nbdkit(dir.path(), {"--threads=64", "--filter=log", "--filter=delay",
+                                          "memory", "8M", "delay-write=150ms", "logfile=" + log});
+  ASSERT_TRUE(s);
+  auto t = OpenNbd(s->uri(), 8 * kMiB, std::chrono::milliseconds(2000));
+  ASSERT_TRUE(t);
+  auto q = t->OpenQueue(64);
+  ASSERT_TRUE(q.ok());
+  std::string d = RandomBytes(48 * 65536, 12);
+  for (uint64_t i = 0; i < 48; ++i) {
+    (*q)->SubmitWrite(d.data() + i * 65536, 65536, i * 65536, i);
+  }
+  std::vector<TargetCompletion> done;
+  ASSERT_TRUE(WaitFor([&] {
+    (*q)->Reap(&done);
+    return done.size() == 48;
+  }));
+  for (const auto& c : done) EXPECT_EQ(c.error, 0) << c.tag;
+  EXPECT_FALSE(t->dead()) << "slow, but answering: not dead after 2 s";
+  ASSERT_TRUE(t->Close().ok());
+  // Requests outstanding at the server, from the log's calls and returns.
+  std::ifstream in(log);
+  std::string line;
+  int outstanding = 0, peak = 0;
+  while (std::getline(in, line)) {
+    if (line.find(" Write id=") != std::string::npos) peak = std::max(peak, ++outstanding);
+    if (line.find(" ...Write id=") != std::string::npos) --outstanding;
+  }
+  EXPECT_EQ(peak, 16);
+  EXPECT_EQ(s->ReadAll(dir.path()).substr(0, d.size()), d);
+}
+
 // ---------------------------------------------------------------- dead servers
 
 TEST(NbdTargetTest, ServerThatStopsAnsweringFailsAfterTheTimeout) {
@@ -325,13 +361,17 @@ TEST(NbdTargetTest, ServerThatStopsAnsweringFailsAfterTheTimeout) {
   double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_EQ(st.code(), ETIMEDOUT) << st.message();
   EXPECT_NE(st.message().find("did not answer for 500 ms"), std::string::npos) << st.message();
-  EXPECT_LT(waited, 10.0);
+  if (!Sanitized()) {
+    EXPECT_LT(waited, 10.0);
+  }
   EXPECT_TRUE(t->dead());
   // From then on, at once.
   t0 = std::chrono::steady_clock::now();
   EXPECT_EQ(t->Flush().code(), ETIMEDOUT);
   EXPECT_EQ(t->Write(a.data(), 4096, 0).code(), ETIMEDOUT);
-  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1.0);
+  if (!Sanitized()) {
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1.0);
+  }
   s->Thaw();
   EXPECT_TRUE(t->Close().ok());
 }
@@ -368,7 +408,9 @@ TEST(NbdTargetTest, CloseReleasesCallersStuckOnADeadServer) {
   double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_EQ(failed.load(), 24);
   EXPECT_NE(done[0].error, 0);
-  EXPECT_LT(took, 5.0);
+  if (!Sanitized()) {
+    EXPECT_LT(took, 5.0);
+  }
   q->reset();
   s->Thaw();
 }
@@ -384,7 +426,9 @@ TEST(NbdTargetTest, ServerGoneFailsRequestsAtOnce) {
   auto t0 = std::chrono::steady_clock::now();
   Status st = t->Write(a.data(), a.size(), 0);
   EXPECT_FALSE(st.ok());
-  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
+  if (!Sanitized()) {
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
+  }
   EXPECT_TRUE(WaitFor([&] { return t->dead(); }, 5));
 }
 
@@ -464,7 +508,9 @@ TEST(NbdJobTest, CancelEndsAJobOnADeadServerWithinFiveSeconds) {
   ASSERT_TRUE(WaitFor([&] { return f.Ended("drive0"); }, 10));
   double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_EQ(f.Info("drive0").result, JobResult::kCancelled);
-  EXPECT_LT(took, 5.0);
+  if (!Sanitized()) {
+    EXPECT_LT(took, 5.0);
+  }
   s->Thaw();
 }
 

@@ -49,6 +49,13 @@ struct NbdJobFixture {
   std::unique_ptr<JobRegistry> registry;
 };
 
+// True when tests/run.sh built everything with a sanitizer: timings then
+// measure the sanitizer, and are not checked.
+inline bool Sanitized() {
+  const char* m = std::getenv("CBW_TEST_MODE");
+  return m != nullptr && (std::string(m) == "asan" || std::string(m) == "tsan");
+}
+
 // Live (not zombie) processes whose command line holds every one of
 // `needles`, e.g. {"qemu-nbd", "/tmp/x/t.qcow2"}.
 inline std::vector<pid_t> ProcessesWith(const std::vector<std::string>& needles) {
