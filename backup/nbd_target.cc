@@ -792,9 +792,15 @@ void NbdTarget::LoopBody() {
     }
     if (n == 2 && pf[1].revents != 0) {
       last_progress = Clock::now();
+      // A hang-up or socket error is reported to whichever direction libnbd
+      // waits on, so that it sees the failure and fails what is in flight.
+      const short ready = pf[1].revents;
       int r = 0;
-      if (pf[1].revents & (POLLIN | POLLHUP | POLLERR)) r = nbd_aio_notify_read(h_);
-      if (r != -1 && (pf[1].revents & POLLOUT) &&
+      if ((ready & (POLLIN | POLLHUP | POLLERR)) &&
+          (nbd_aio_get_direction(h_) & LIBNBD_AIO_DIRECTION_READ)) {
+        r = nbd_aio_notify_read(h_);
+      }
+      if (r != -1 && (ready & (POLLOUT | POLLHUP | POLLERR)) &&
           (nbd_aio_get_direction(h_) & LIBNBD_AIO_DIRECTION_WRITE)) {
         r = nbd_aio_notify_write(h_);
       }
