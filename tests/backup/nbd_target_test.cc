@@ -11,7 +11,6 @@
 
 #include <atomic>
 #include <fstream>
-#include <regex>
 #include <sstream>
 #include <thread>
 
@@ -62,15 +61,15 @@ std::vector<std::pair<uint64_t, uint64_t>> Logged(const std::string& logfile,
   std::ifstream in(logfile);
   std::string line;
   std::vector<std::pair<uint64_t, uint64_t>> out;
-  const std::regex re(" " + kind + " id=\\d+ offset=0x([0-9a-f]+) count=0x([0-9a-f]+)");
-  const std::regex flush(" " + kind + " id=\\d+");
+  auto hex_after = [&](const std::string& key) -> uint64_t {
+    size_t p = line.find(key);
+    return p == std::string::npos ? 0 : std::stoull(line.substr(p + key.size()), nullptr, 16);
+  };
   while (std::getline(in, line)) {
-    std::smatch m;
-    if (std::regex_search(line, m, re)) {
-      out.emplace_back(std::stoull(m[1], nullptr, 16), std::stoull(m[2], nullptr, 16));
-    } else if (kind == "Flush" && std::regex_search(line, flush)) {
-      out.emplace_back(0, 0);
-    }
+    // Calls look like "connection=1 Write id=3 offset=0x0 count=0x40000 ...";
+    // their returns like "connection=1 ...Write id=3 return=0".
+    if (line.find(" " + kind + " id=") == std::string::npos) continue;
+    out.emplace_back(hex_after(" offset=0x"), hex_after(" count=0x"));
   }
   return out;
 }
