@@ -361,6 +361,7 @@ Status JobRegistry::Transaction(const std::vector<TxnAction>& actions, Completio
     req.mode = o.mode;
     req.format = o.format;
     req.size = p.drive->size();
+    req.io_timeout = std::chrono::milliseconds(options_.target_timeout_ms);
     Result<std::shared_ptr<Target>> t = OpenTarget(req, drives_);
     if (!t.ok()) return refuse(t.status());
     p.target = std::move(*t);

@@ -53,6 +53,9 @@ struct RegistryOptions {
   // on-cbw-error applies (a target that stopped answering). Internal, not a
   // QMP argument; see BackupJob.
   uint32_t cbw_timeout_ms = 30'000;
+  // How long a remote target (NBD, qcow2 via qemu-nbd) may leave requests
+  // unanswered before they fail as target errors (SPEC 6: 30 s).
+  uint32_t target_timeout_ms = 30'000;
   // How long Shutdown() waits for cancelled jobs to conclude.
   uint32_t shutdown_timeout_ms = 10'000;
   // How often a running job's record is rewritten with its progress, so a

@@ -1,8 +1,14 @@
 #include "backup/target.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cstring>
 
 #include "backup/file_target.h"
+#include "backup/nbd_target.h"
+#include "backup/posix_io.h"
+#include "backup/qcow2_target.h"
 #include "backup/target_path.h"
 
 namespace cbw::backup {
@@ -26,6 +32,11 @@ std::optional<std::string> ProbeImageFormat(const unsigned char* head, size_t le
 
 Result<std::shared_ptr<Target>> OpenTarget(const TargetRequest& req,
                                            const std::vector<Drive*>& drives) {
+  if (IsNbdSpec(req.spec)) {
+    auto t = NbdTarget::Open(req);
+    if (!t.ok()) return t.status();
+    return std::shared_ptr<Target>(std::move(*t));
+  }
   const bool creating = req.mode == TargetMode::kAbsolutePaths;
   Result<ResolvedPath> where = ResolvePath(req.spec, req.base_dir, req.mountpoint, req.mount_dev);
   if (!where.ok()) {
@@ -37,6 +48,25 @@ Result<std::shared_ptr<Target>> OpenTarget(const TargetRequest& req,
     }
     return Status::FromErrno(
         s.code(), (creating ? "Could not create '" : "Could not open '") + req.spec + "'");
+  }
+  // qcow2: as asked, or found by its magic in an existing image given no
+  // format (never overwritten as raw).
+  bool qcow2 = req.format && *req.format == "qcow2";
+  if (!req.format && req.mode == TargetMode::kExisting && where->exists &&
+      (S_ISREG(where->st.st_mode) || S_ISBLK(where->st.st_mode))) {
+    int fd = openat(where->parent.get(), where->name.c_str(),
+                    O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd >= 0) {
+      unsigned char head[512] = {};
+      Result<size_t> n = PreadFull(fd, head, sizeof head, 0);
+      close(fd);
+      qcow2 = n.ok() && ProbeImageFormat(head, *n) == std::optional<std::string>("qcow2");
+    }
+  }
+  if (qcow2) {
+    auto t = Qcow2Target::Open(req, std::move(*where), drives);
+    if (!t.ok()) return t.status();
+    return std::shared_ptr<Target>(std::move(*t));
   }
   auto t = FileTarget::Open(req, std::move(*where), drives);
   if (!t.ok()) return t.status();

@@ -2,6 +2,7 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -101,7 +102,7 @@ class Target {
 
 // What drive-backup asked for, and what the daemon knows about its mount.
 struct TargetRequest {
-  std::string spec;        // as given: a path (nbd://, rbd: later)
+  std::string spec;        // as given: a path, nbd:// or nbd+unix:// (rbd: later)
   std::string base_dir;    // relative paths are relative to this
   std::string mountpoint;  // absolute, canonical: refused by path
   dev_t mount_dev = 0;     // the mount's st_dev: refused by device (0: unknown)
@@ -110,14 +111,19 @@ struct TargetRequest {
   // existing.
   std::optional<std::string> format;
   uint64_t size = 0;  // the drive's size
+  // Remote targets (NBD, qcow2 through qemu-nbd): a server with requests
+  // outstanding that answers nothing for this long fails them (ETIMEDOUT).
+  std::chrono::milliseconds io_timeout{30'000};
 };
 
 // Validates and opens a target without changing anything on disk except
 // creating a missing file (mode absolute-paths). Refuses, before anything
 // under the mountpoint is looked up, a target inside the mount; refuses a
 // drive's source, a wrong file type, a target smaller than the drive, and
-// (mode existing, no format) a foreign image format. Does I/O on a
-// user-given path: never call it with an engine lock held.
+// (mode existing, no format) a foreign image format; a qcow2 image found so
+// is written as qcow2. nbd:// and nbd+unix:// specs are NBD exports
+// (backup/nbd_target.h). Does I/O on a user-given path and may connect to
+// a server: never call it with an engine lock held.
 Result<std::shared_ptr<Target>> OpenTarget(const TargetRequest& req,
                                            const std::vector<Drive*>& drives);
 

@@ -134,8 +134,20 @@ std::optional<QmpError> CheckBackup(const Context& ctx, BackupArgs* a,
                         "Cannot find device='" + o.device + "' nor node-name='" + o.device + "'");
   }
   if (a->format) {
-    if (*a->format != "raw")
+    if (*a->format != "raw" && *a->format != "qcow2") {
+      // Formats QEMU has but cbwfs does not write get a clear refusal; any
+      // other name is QEMU's unknown format.
+      static const char* const kKnown[] = {"qcow", "qed", "vmdk",      "vdi",   "vhdx", "vpc",
+                                           "luks", "dmg", "parallels", "bochs", "cloop"};
+      for (const char* known : kKnown) {
+        if (*a->format == known) {
+          return GenericError(EINVAL, "Format '" + *a->format +
+                                          "' is not supported for backup targets (raw and qcow2 "
+                                          "are)");
+        }
+      }
       return GenericError(EINVAL, "Unknown file format '" + *a->format + "'");
+    }
     o.format = *a->format;
   }
   // do_backup_common's bitmap checks, against the bitmaps as they are (or,

@@ -242,8 +242,12 @@ TEST_F(DispatcherTest, ValidationErrors) {
       {db + R"({"device": "nope", "sync": "incremental", "target": "@T@", "speed": -1,)"
             R"( "job-id": "a/b", "format": "qcow2", "compress": true}})",
        ENODEV, Generic("Cannot find device='nope' nor node-name='nope'")},
+      {db + "{" + full + R"(, "format": "spaghetti-noodles", "compress": true, "speed": -1}})",
+       EINVAL, Generic("Unknown file format 'spaghetti-noodles'")},
+      {db + "{" + full + R"(, "format": "vmdk", "compress": true}})", EINVAL,
+       Generic("Format 'vmdk' is not supported for backup targets (raw and qcow2 are)")},
       {db + "{" + full + R"(, "format": "qcow2", "compress": true, "speed": -1}})", EINVAL,
-       Generic("Unknown file format 'qcow2'")},
+       Generic("Compression is not supported for this drive drive0")},
       {db + R"({"device": "drive0", "sync": "incremental", "target": "@T@", "compress": true}})",
        EINVAL, Generic("must provide a valid bitmap name for 'incremental' sync mode")},
       {db + R"({"device": "drive0", "sync": "bitmap", "target": "@T@"}})", EINVAL,
@@ -528,6 +532,23 @@ TEST_F(DispatcherTest, DriveBackupExistingExampleNeverOverwritesAQcow2AsRaw) {
   EXPECT_NE(ReadFile(target), ReadFile(env_.drive_path(0)));
 }
 
+TEST_F(DispatcherTest, DriveBackupQcow2Example) {
+  // qemu-img creates the image, a qemu-nbd child writes it.
+  ExpectReply(env_, Example("drive-backup-qcow2.json", env_.dir()), 0, kOk);
+  ASSERT_TRUE(env_.WaitForEnd("qcow2-0"));
+  auto file = env_.registry().GetJobFile("qcow2-0");
+  ASSERT_TRUE(file);
+  EXPECT_EQ(file->result, backup::JobResult::kSuccess) << file->error.value_or("");
+  EXPECT_EQ(ReadFile(T("drive0.qcow2")).substr(0, 4), std::string("QFI\xfb", 4));
+  // The NBD example names a server; here none listens on it.
+  std::string nbd = ReadExample("drive-backup-nbd.json");
+  WriteOutcome o = env_.Run(Replace(nbd, "/run/backup-server/nbd.sock", T("none.sock")));
+  EXPECT_EQ(o.error, ENOENT) << o.last_reply;
+  EXPECT_EQ(
+      o.last_reply,
+      Generic("Failed to connect to '" + T("none.sock") + "': No such file or directory") + "\n");
+}
+
 TEST_F(DispatcherTest, TargetErrorsCarryTheOsErrno) {
   // mode=existing with a missing target: QEMU's "Could not open" and ENOENT.
   std::string missing = T("missing.img");
@@ -726,6 +747,8 @@ const std::vector<std::string> kReadmeOrder = {
     "query-block.json",
     "drive-backup-full.json",
     "drive-backup-existing.json",
+    "drive-backup-qcow2.json",
+    "drive-backup-nbd.json",
     "transaction-grouped.json",
     "drive-backup-manual.json",
     "query-block-jobs.json",
@@ -811,6 +834,16 @@ TEST_P(SamplesInOrder, EachFindsTheJobItNames) {
   send("drive-backup-existing.json");
   ASSERT_TRUE(env.WaitForEnd("existing0"));
   EXPECT_EQ(ReadFile(path("drive0-existing.img")), ReadFile(env.drive_path(0)));
+  send("drive-backup-qcow2.json");
+  ASSERT_TRUE(env.WaitForEnd("qcow2-0"));
+  EXPECT_EQ(ReadFile(path("drive0.qcow2")).substr(0, 4), std::string("QFI\xfb", 4));
+  {
+    // No NBD server listens on the sample's socket here: refused, nothing runs.
+    sent.push_back("drive-backup-nbd.json");
+    WriteOutcome o = env.Run(Example("drive-backup-nbd.json", env.dir()));
+    EXPECT_EQ(o.error, ENOENT) << o.last_reply;
+    EXPECT_FALSE(env.FindJob("nbd0"));
+  }
   send("transaction-grouped.json");
   ASSERT_TRUE(env.WaitForEnd("tx-drive0"));
   ASSERT_TRUE(env.WaitForEnd("tx-drive1"));

@@ -264,7 +264,9 @@ TEST_F(ControlE2E, EachErrnoOfTheTable) {
   ExpectRefused(backup({{"bogus", 1}}), EINVAL, "GenericError", "bogus");
   ExpectRefused(backup({{"speed", "fast"}}), EINVAL, "GenericError", "speed");
   ExpectRefused(backup({{"speed", -1}}), EINVAL, "GenericError", "speed");
-  ExpectRefused(backup({{"format", "qcow2"}}), EINVAL, "GenericError", "Unknown file format");
+  ExpectRefused(backup({{"format", "qcow3"}}), EINVAL, "GenericError", "Unknown file format");
+  ExpectRefused(backup({{"format", "vmdk"}}), EINVAL, "GenericError",
+                "is not supported for backup");
   ExpectRefused(backup({{"compress", true}}), EINVAL, "GenericError",
                 "Compression is not supported for this drive drive0");
   // Targets.

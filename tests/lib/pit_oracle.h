@@ -1,8 +1,9 @@
 #pragma once
 
-// The point-in-time oracle shared by the end-to-end tests: writer threads
-// that log every operation with its start and end, and the check that a
-// backup equals the drive as it was at the point in time.
+// The point-in-time oracle of the backup e2e tests (DESIGN: "the central
+// oracle"): writer threads that log every operation on their slice of a
+// drive, and the check that a target's slice equals the drive as it was at
+// the command's point in time. Shared by the tests of every target kind.
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -38,7 +39,7 @@ class Writer {
  public:
   Writer(std::string path, uint64_t base, uint64_t span, uint64_t seed)
       : path_(std::move(path)), base_(base), span_(span), rng_(seed) {}
-  ~Writer() { Stop(); }
+  ~Writer() { Stop(); }  // a failed assertion must not leave the thread running
   void Start() {
     thread_ = std::thread([this] { Run(); });
   }
@@ -117,8 +118,14 @@ inline ::testing::AssertionResult SliceMatchesPointInTime(const std::string& ini
   while (k < ops.size() && ops[k].end < issued) Apply(&image, ops[k++]);
   auto slice = [&](const std::string& s) { return s.substr(w.base(), w.span()); };
   std::string want = slice(target);
+  // Candidates are compared in place (no copy of the slice per operation:
+  // a command that takes long under load has many operations in flight).
+  const size_t base = w.base();
+  auto same = [&](size_t from, size_t n) {  // image vs want over slice offsets [from, from+n)
+    return image.compare(base + from, n, want, from, n) == 0;
+  };
   for (;;) {
-    if (slice(image) == want) return ::testing::AssertionSuccess();
+    if (same(0, want.size())) return ::testing::AssertionSuccess();
     if (k >= ops.size() || ops[k].start > returned) break;
     // An operation in flight at T may be torn: the kernel splits one write()
     // into several FUSE requests (e.g. at a partial first page), and T may
@@ -126,16 +133,13 @@ inline ::testing::AssertionResult SliceMatchesPointInTime(const std::string& ini
     // Requests go out in ascending order, so the target then holds a prefix
     // of the new data and the old data after it.
     const Op& op = ops[k];
-    std::string after = image;
-    Apply(&after, op);
-    size_t lo = op.off - w.base(), hi = lo + op.len;
-    std::string cur = slice(image), next = slice(after);
-    if (cur.compare(0, lo, want, 0, lo) == 0 && cur.compare(hi, std::string::npos, want, hi) == 0) {
+    size_t lo = op.off - base, hi = lo + op.len;
+    if (same(0, lo) && same(hi, want.size() - hi)) {
       size_t p = lo;
-      while (p < hi && want[p] == next[p]) ++p;
-      if (cur.compare(p, hi - p, want, p, hi - p) == 0) return ::testing::AssertionSuccess();
+      while (p < hi && want[p] == (op.data.empty() ? '\0' : op.data[p - lo])) ++p;
+      if (same(p, hi - p)) return ::testing::AssertionSuccess();
     }
-    image = std::move(after);
+    Apply(&image, op);
     ++k;
   }
   // Diagnose against the last candidate: where it differs, and which
