@@ -4,6 +4,9 @@
 
 #include "backup/file_target.h"
 #include "backup/target_path.h"
+#ifdef CBW_HAVE_RBD
+#include "backup/rbd_target.h"
+#endif
 
 namespace cbw::backup {
 
@@ -26,6 +29,17 @@ std::optional<std::string> ProbeImageFormat(const unsigned char* head, size_t le
 
 Result<std::shared_ptr<Target>> OpenTarget(const TargetRequest& req,
                                            const std::vector<Drive*>& drives) {
+  // QEMU's protocol prefix: "rbd:" names a Ceph image, never a local path.
+  if (req.spec.rfind("rbd:", 0) == 0) {
+#ifdef CBW_HAVE_RBD
+    auto t = RbdTarget::Open(req);
+    if (!t.ok()) return t.status();
+    return std::shared_ptr<Target>(std::move(*t));
+#else
+    return Status::Error(EINVAL, "Target '" + req.spec +
+                                     "': RBD targets are not supported by this build of cbwfs");
+#endif
+  }
   const bool creating = req.mode == TargetMode::kAbsolutePaths;
   Result<ResolvedPath> where = ResolvePath(req.spec, req.base_dir, req.mountpoint, req.mount_dev);
   if (!where.ok()) {
