@@ -583,6 +583,11 @@ Result<std::shared_ptr<RbdTarget>> RbdTarget::Open(const TargetRequest& req,
     conn->io = nullptr;
     return Status::FromErrno(-r, "error opening pool " + s.pool);
   }
+  // A full pool (over its quota) or cluster answers writes with EDQUOT or
+  // ENOSPC (the enospc policy) instead of librados holding them, and even
+  // the image's open (its watch), until there is room: that would only end
+  // in a timeout.
+  rados_set_pool_full_try(conn->io);
   if (!s.ns.empty()) {
     bool exists = false;
     if (int r = rbd_namespace_exists(conn->io, s.ns.c_str(), &exists); r < 0 || !exists) {

@@ -62,7 +62,18 @@ struct RbdTuning {
 // must be at least the drive's size and is never resized.
 //
 // Errors carry librbd's errno, except that a pool over its quota (EDQUOT)
-// reports ENOSPC, so on-target-error=enospc applies to it.
+// reports ENOSPC, so on-target-error=enospc applies to it. A full pool or
+// cluster answers at once (librados's "full try"), rather than holding
+// writes until there is room.
+//
+// Timeouts: every request, synchronous or queued, ends within the timeout,
+// with ETIMEDOUT if librbd has not answered by then. (librados's own op
+// timeouts are set too, but librbd queues an image's requests behind one
+// exclusive-lock acquisition, so on a dead cluster its Nth request would
+// fail only after N timeouts.) A request that timed out stays in librbd until
+// it fails there; the queue counts it against its depth meanwhile, and at
+// most 64 synchronous ones may be outstanding (then calls fail at once), so
+// a dead cluster accumulates a bounded number of them.
 //
 // Thread safety: as Target (librbd allows I/O on one image from many
 // threads). The copier's queue submits with rbd_aio_* and at most `depth`

@@ -272,17 +272,20 @@ std::vector<TargetCompletion> ReapAll(backup::TargetQueue* q, size_t n) {
 }
 
 TEST_F(RbdTargetTest, QueueCompletesEveryRequestOnceThroughItsFd) {
-  // An existing image full of stale bytes: zeroes must really be written.
-  const uint64_t size = 72 * kMiB;
+  // An existing image with stale bytes where zeroes go: they must really be
+  // written.
+  const uint64_t size = 48 * kMiB;
   MakeImage(image_, size);
   auto t = Open(Req(cluster_->Spec(image_), size, TargetMode::kExisting));
   ASSERT_TRUE(t);
-  std::string want = RandomBytes(size, 3);
-  for (uint64_t off = 0; off < size; off += 8 * kMiB) {
-    ASSERT_TRUE(t->Write(want.data() + off, 8 * kMiB, off).ok());
+  std::string want(size, '\0');
+  for (uint64_t off : {13 * kMiB, 30 * kMiB + 5, 46 * kMiB}) {
+    std::string stale = RandomBytes(kMiB, off);
+    ASSERT_TRUE(t->Write(stale.data(), stale.size(), off).ok());
+    want.replace(off, stale.size(), stale);
   }
   // Depth 2 with far more requests: the rest wait in the queue. One
-  // write-zeroes spans several of librbd's pieces.
+  // write-zeroes spans two of the pieces librbd gets at most.
   auto q = t->OpenQueue(2);
   ASSERT_TRUE(q.ok()) << q.status().message();
   std::vector<std::string> bufs;
@@ -294,9 +297,10 @@ TEST_F(RbdTargetTest, QueueCompletesEveryRequestOnceThroughItsFd) {
     want.replace(off, bufs.back().size(), bufs.back());
     expect[i] = 0;
   }
-  (*q)->SubmitZeroes(12 * kMiB, 70 * kMiB - 12 * kMiB + 3, 100);
-  std::memset(want.data() + 12 * kMiB, 0, 70 * kMiB - 12 * kMiB + 3);
-  (*q)->SubmitZeroes(71 * kMiB, 0, 101);  // empty: completes too
+  const uint64_t zlen = 47 * kMiB + 3 - 12 * kMiB;  // > 32 MiB
+  (*q)->SubmitZeroes(12 * kMiB, zlen, 100);
+  std::memset(want.data() + 12 * kMiB, 0, zlen);
+  (*q)->SubmitZeroes(size - 1, 0, 101);  // empty: completes too
   expect[100] = expect[101] = 0;
   EXPECT_EQ((*q)->in_flight(), 14u);
   std::vector<TargetCompletion> got = ReapAll(q->get(), expect.size());
@@ -309,6 +313,34 @@ TEST_F(RbdTargetTest, QueueCompletesEveryRequestOnceThroughItsFd) {
   EXPECT_EQ((*q)->in_flight(), 0u);
   ASSERT_TRUE(t->Flush().ok());
   EXPECT_TRUE(cluster_->Export(image_) == want);
+}
+
+TEST_F(RbdTargetTest, QueuedRequestsOnAStoppedClusterTimeOutTogether) {
+  MakeImage(image_, 16 * kMiB);
+  auto t = Open(Req(cluster_->Spec(image_), 16 * kMiB, TargetMode::kExisting),
+                RbdTuning{std::chrono::seconds(2)});
+  ASSERT_TRUE(t);
+  auto q = t->OpenQueue(4);
+  ASSERT_TRUE(q.ok());
+  std::string buf = RandomBytes(kMiB, 1);
+  OsdStopped stopped;
+  const auto t0 = Clock::now();
+  // librbd would fail these one lock attempt (one timeout) after another.
+  for (uint64_t i = 0; i < 8; ++i) (*q)->SubmitWrite(buf.data(), buf.size(), i * kMiB, i);
+  std::vector<TargetCompletion> got = ReapAll(q->get(), 8);
+  const double took = Seconds(Clock::now() - t0);
+  ASSERT_EQ(got.size(), 8u);
+  for (const auto& c : got) EXPECT_EQ(c.error, ETIMEDOUT) << c.tag;
+  EXPECT_GE(took, 1.9);
+  EXPECT_LT(took, 6.0) << "every request fails at its own deadline";
+  // A synchronous call too, and the queue takes no more than its depth to
+  // librbd meanwhile.
+  auto s0 = Clock::now();
+  Status s = t->Write(buf.data(), 4096, 0);
+  EXPECT_EQ(s.code(), ETIMEDOUT) << s.message();
+  EXPECT_LT(Seconds(Clock::now() - s0), 4.0);
+  stopped.Resume();
+  q->reset();
 }
 
 TEST_F(RbdTargetTest, ConfAndKeyringMayNotLeadIntoTheMount) {

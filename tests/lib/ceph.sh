@@ -27,6 +27,14 @@ if [[ -z "$cmd" || -z "$dir" ]]; then
   exit 2
 fi
 
+# Whether $1 runs (a zombie does not: daemons are re-parented to an init
+# that may be slow to reap them, or never does in some containers).
+running() {
+  local st
+  st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [[ -n "$st" && "$st" != Z* ]]
+}
+
 stop() {
   local kind f pid i
   # OSDs and the mgr first, while the mon can still hear that they leave.
@@ -35,10 +43,13 @@ stop() {
       [[ -e "$f" ]] || continue
       pid=$(cat "$f" 2>/dev/null) || continue
       if [[ -n "$pid" ]]; then
-        # A SIGSTOPped daemon (tests do that) needs SIGCONT to act on SIGTERM.
+        # The mgr's Python modules take seconds to stop, and a throw-away
+        # cluster keeps nothing: SIGKILL at once. A SIGSTOPped daemon (tests
+        # do that) needs SIGCONT to act on SIGTERM.
+        [[ "$kind" == mgr ]] && kill -KILL "$pid" 2>/dev/null
         kill -TERM "$pid" 2>/dev/null && kill -CONT "$pid" 2>/dev/null
         for ((i = 0; i < 50; i++)); do
-          kill -0 "$pid" 2>/dev/null || break
+          running "$pid" || break
           sleep 0.1
         done
         kill -KILL "$pid" 2>/dev/null || true
@@ -175,7 +186,7 @@ ceph osd pool create rbd 8 8 >/dev/null 2>&1 || fail "pool create"
 rbd pool init rbd >/dev/null 2>&1 || fail "rbd pool init"
 step "pool rbd ready"
 if [[ -n "$owner" ]]; then
-  setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done
+  setsid bash -c 'while ps -o stat= -p "$1" | grep -qv "^Z"; do sleep 1; done
                  WATCHDOG_SELF=$$ exec "$2" stop "$3"' \
     watchdog "$owner" "$(cd "$(dirname "$0")" && pwd)/$(basename "$0")" "$dir" \
     </dev/null >/dev/null 2>&1 &
