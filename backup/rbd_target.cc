@@ -3,8 +3,8 @@
 #include <fcntl.h>
 #include <rados/librados.h>
 #include <rbd/librbd.h>
-#include <sys/eventfd.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <sys/timerfd.h>
 #include <unistd.h>
@@ -61,6 +61,7 @@ struct RbdTarget::Conn {
 
 namespace {
 
+constexpr const char* kDefaultConf = "/etc/ceph/ceph.conf";
 // The librados options a spec may set (besides conf and id); see RbdSpec.
 constexpr const char* kAllowedOptions[] = {"mon_host", "keyring", "auth_client_required"};
 // Write-zeroes and writes go to librbd in pieces of at most this: a hole of
@@ -89,12 +90,14 @@ std::string NextToken(const std::string& in, char delim, std::optional<std::stri
     if (in[i] == '\\' && i + 1 < in.size()) {
       ++i;
     } else if (in[i] == delim) {
-      *rest = in.substr(i + 1);
-      return in.substr(0, i);
+      std::string head = in.substr(0, i);
+      *rest = in.substr(i + 1);  // `in` may be *rest itself
+      return head;
     }
   }
+  std::string all = in;
   *rest = std::nullopt;
-  return in;
+  return all;
 }
 
 std::string Unescape(const std::string& in) {
@@ -186,9 +189,12 @@ class Closer {
   }
 
   bool Wait(std::chrono::milliseconds timeout) CBW_EXCLUDES(mu_) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
     MutexLock lock(&mu_);
-    return cv_.WaitUntil(&lock, std::chrono::steady_clock::now() + timeout,
-                         [&]() CBW_REQUIRES(mu_) { return pending_ == 0; });
+    while (pending_ > 0) {
+      if (!cv_.WaitUntil(&lock, deadline)) return pending_ == 0;
+    }
+    return true;
   }
 
  private:
@@ -202,7 +208,7 @@ class Closer {
 // the eventfd that says so. Each piece in flight holds a reference, so a
 // callback never touches freed memory, whenever it runs.
 struct QueueShared {
-  Mutex mu;  // a leaf lock
+  Mutex mu;                                                       // a leaf lock
   std::vector<std::pair<uint64_t, int>> done CBW_GUARDED_BY(mu);  // (op id, errno)
   UniqueFd event_fd;
 
@@ -390,8 +396,8 @@ class RbdQueue : public TargetQueue {
     itimerspec its{};
     if (!order_.empty()) {
       auto left = ops_.at(order_.front()).deadline - std::chrono::steady_clock::now();
-      auto ns = std::max<int64_t>(
-          1, std::chrono::duration_cast<std::chrono::nanoseconds>(left).count());
+      auto ns =
+          std::max<int64_t>(1, std::chrono::duration_cast<std::chrono::nanoseconds>(left).count());
       its.it_value.tv_sec = static_cast<time_t>(ns / 1'000'000'000);
       its.it_value.tv_nsec = static_cast<long>(ns % 1'000'000'000);
     }
@@ -469,8 +475,7 @@ Result<RbdSpec> ParseRbdSpec(const std::string& text) {
     if (!n->empty() && !PrintableName(*n)) return Invalid(text, "control character in a name");
   }
   while (opts) {
-    const std::string all = std::move(*opts);
-    std::string kv = NextToken(all, ':', &opts);
+    std::string kv = NextToken(*opts, ':', &opts);
     std::optional<std::string> value;
     std::string key = Unescape(NextToken(kv, '=', &value));
     if (key.empty()) return Invalid(text, "empty option");
@@ -487,8 +492,7 @@ Result<RbdSpec> ParseRbdSpec(const std::string& text) {
     } else if (key == "key") {
       return Invalid(text, "a key in the target name would show in job records; use a keyring");
     } else if (std::find_if(std::begin(kAllowedOptions), std::end(kAllowedOptions),
-                            [&](const char* a) { return key == a; }) !=
-               std::end(kAllowedOptions)) {
+                            [&](const char* a) { return key == a; }) != std::end(kAllowedOptions)) {
       if (v.empty() || !PrintableName(v)) return Invalid(text, "bad value for " + key);
       s.options.emplace_back(key, v);
     } else {
@@ -515,21 +519,27 @@ Result<std::shared_ptr<RbdTarget>> RbdTarget::Open(const TargetRequest& req,
   const RbdSpec& s = t->spec_;
 
   // Files librados reads, opened outside the mount first. Without conf=,
-  // librados would look in $CEPH_CONF and /etc/ceph/ceph.conf: the same
-  // files are checked and read here.
+  // librados would look in $CEPH_CONF, then /etc/ceph/ceph.conf: the same
+  // files are checked and read here, and, as QEMU does, a missing default
+  // file is no error.
   std::optional<UniqueFd> conf_fd;
   std::string conf_path;
   if (s.conf) {
     conf_path = *s.conf;
-  } else if (const char* env = std::getenv("CEPH_CONF"); env != nullptr && *env != '\0') {
-    conf_path = env;
-  } else if (access("/etc/ceph/ceph.conf", F_OK) == 0) {
-    conf_path = "/etc/ceph/ceph.conf";
-  }
-  if (!conf_path.empty()) {
     Result<UniqueFd> fd = OpenConfigFile(req, conf_path, "conf");
     if (!fd.ok()) return fd.status();
     conf_fd = std::move(*fd);
+  } else {
+    const char* env = std::getenv("CEPH_CONF");
+    for (std::string path : {std::string(env != nullptr ? env : ""), std::string(kDefaultConf)}) {
+      if (path.empty()) continue;
+      Result<UniqueFd> fd = OpenConfigFile(req, path, "conf");
+      if (!fd.ok() && fd.status().code() == ENOENT) continue;
+      if (!fd.ok()) return fd.status();
+      conf_path = path;
+      conf_fd = std::move(*fd);
+      break;
+    }
   }
   std::vector<UniqueFd> option_fds;  // keyrings, open until connected
 
@@ -561,8 +571,8 @@ Result<std::shared_ptr<RbdTarget>> RbdTarget::Open(const TargetRequest& req,
   // that returned must be on the OSDs); librbd copies write buffers.
   const std::string secs = std::to_string(std::max<int64_t>(1, tuning.timeout.count()));
   const std::pair<const char*, std::string> ours[] = {
-      {"rados_osd_op_timeout", secs},         {"rados_mon_op_timeout", secs},
-      {"client_mount_timeout", secs},         {"rbd_cache", "false"},
+      {"rados_osd_op_timeout", secs},           {"rados_mon_op_timeout", secs},
+      {"client_mount_timeout", secs},           {"rbd_cache", "false"},
       {"rbd_disable_zero_copy_writes", "true"},
   };
   for (const auto& [key, value] : ours) {
@@ -622,8 +632,8 @@ Result<std::shared_ptr<RbdTarget>> RbdTarget::Open(const TargetRequest& req,
       char head[512] = {};
       ssize_t n = rbd_read(conn->image, 0, std::min<uint64_t>(sizeof head, size), head);
       if (n < 0) return Status::FromErrno(static_cast<int>(-n), "read from target");
-      if (auto fmt = ProbeImageFormat(reinterpret_cast<unsigned char*>(head),
-                                      static_cast<size_t>(n))) {
+      if (auto fmt =
+              ProbeImageFormat(reinterpret_cast<unsigned char*>(head), static_cast<size_t>(n))) {
         return Status::Error(EINVAL, "Target '" + req.spec + "' is a " + *fmt +
                                          " image; refusing to overwrite it as raw "
                                          "(give format 'raw' to force)");
@@ -674,10 +684,10 @@ Status RbdTarget::Usable() const {
 
 Status RbdTarget::Sync(Call kind, uint64_t off, uint64_t len, const char* wbuf, char* rbuf) {
   if (Status s = Usable(); !s.ok()) return s;
-  const char* what = kind == Call::kWrite   ? "write to target"
-                     : kind == Call::kZero  ? "zero target"
-                     : kind == Call::kRead  ? "read from target"
-                                            : "flush of target";
+  const char* what = kind == Call::kWrite  ? "write to target"
+                     : kind == Call::kZero ? "zero target"
+                     : kind == Call::kRead ? "read from target"
+                                           : "flush of target";
   if (conn_->sync_outstanding->load() >= kMaxSyncCalls) {
     return Status::Error(ETIMEDOUT, std::string(what) + ": target not answering");
   }
@@ -713,10 +723,12 @@ Status RbdTarget::Sync(Call kind, uint64_t off, uint64_t len, const char* wbuf, 
   arg.release();  // OnSyncDone owns it now
   ssize_t result;
   {
-    MutexLock lock(&call->mu);
     const auto deadline = std::chrono::steady_clock::now() + conn_->timeout;
-    if (!call->cv.WaitUntil(&lock, deadline, [&]() CBW_REQUIRES(call->mu) { return call->done; })) {
-      return Status::FromErrno(ETIMEDOUT, what);
+    MutexLock lock(&call->mu);
+    while (!call->done) {
+      if (!call->cv.WaitUntil(&lock, deadline) && !call->done) {
+        return Status::FromErrno(ETIMEDOUT, what);
+      }
     }
     result = call->result;
   }
@@ -776,7 +788,8 @@ Result<std::unique_ptr<TargetQueue>> RbdTarget::OpenQueue(unsigned depth) {
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.fd = fd;
-    if (epoll_ctl(ep.get(), EPOLL_CTL_ADD, fd, &ev) != 0) return Status::FromErrno(errno, "epoll_ctl");
+    if (epoll_ctl(ep.get(), EPOLL_CTL_ADD, fd, &ev) != 0)
+      return Status::FromErrno(errno, "epoll_ctl");
   }
   return std::unique_ptr<TargetQueue>(
       new RbdQueue(conn_, depth, std::move(shared), std::move(timer), std::move(ep)));

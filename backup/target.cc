@@ -36,8 +36,8 @@ Result<std::shared_ptr<Target>> OpenTarget(const TargetRequest& req,
     if (!t.ok()) return t.status();
     return std::shared_ptr<Target>(std::move(*t));
 #else
-    return Status::Error(EINVAL, "Target '" + req.spec +
-                                     "': RBD targets are not supported by this build of cbwfs");
+    return Status::Error(
+        EINVAL, "Target '" + req.spec + "': RBD targets are not supported by this build of cbwfs");
 #endif
   }
   const bool creating = req.mode == TargetMode::kAbsolutePaths;

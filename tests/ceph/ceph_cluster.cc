@@ -52,8 +52,8 @@ CephCluster* CephCluster::Get() { return g_cluster; }
   buf.push_back('\0');
   if (mkdtemp(buf.data()) == nullptr) return ::testing::AssertionFailure() << "mkdtemp";
   dir_ = buf.data();
-  CommandResult r = RunCommand({Script(), "start", dir_, std::to_string(getpid())},
-                               std::chrono::seconds(120));
+  CommandResult r =
+      RunCommand({Script(), "start", dir_, std::to_string(getpid())}, std::chrono::seconds(120));
   if (r.exit_code != 0) {
     return ::testing::AssertionFailure() << "tests/lib/ceph.sh start: exit " << r.exit_code << "\n"
                                          << r.out << r.err;

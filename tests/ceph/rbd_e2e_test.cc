@@ -69,9 +69,12 @@ TEST_F(RbdE2E, ExportEqualsTheDriveAtThePointInTimeUnderConcurrentWriters) {
   int err = Backup(cluster_->Spec(name_), {{"speed", 16 * kMiB}});
   const auto returned = Clock::now();
   ASSERT_EQ(err, 0) << Reply();
+  // The writers race the copier for a while after T (the oracle's cost
+  // grows with their operations; RBD is slower than a local file).
+  WaitFor([&] { return Record(mount_, "drive0").contains("result"); }, std::chrono::seconds(2));
+  for (auto& w : writers) w->Stop();
   ASSERT_TRUE(WaitResult(mount_, "drive0", std::chrono::seconds(120)))
       << mount_.JobRecord("drive0");
-  for (auto& w : writers) w->Stop();
   json rec = Record(mount_, "drive0");
   EXPECT_EQ(rec["result"], "success") << rec.dump();
   EXPECT_EQ(rec["target"], cluster_->Spec(name_));
@@ -169,8 +172,8 @@ TEST_F(RbdE2E, TransactionOverTwoDrivesWithRacingWrites) {
   dup["arguments"]["actions"][0]["data"]["target"] = cluster_->Spec(name_ + "-new");
   dup["arguments"]["actions"][1]["data"]["target"] =
       "rbd:rbd/" + name_ + "-new:conf=/dev/null:mon_host=[v2\\:" +
-      cluster_->mon_addr().substr(0, cluster_->mon_addr().find(':')) + "\\:" +
-      cluster_->mon_addr().substr(cluster_->mon_addr().find(':') + 1) +
+      cluster_->mon_addr().substr(0, cluster_->mon_addr().find(':')) +
+      "\\:" + cluster_->mon_addr().substr(cluster_->mon_addr().find(':') + 1) +
       "]:auth_client_required=none";
   EXPECT_EQ(mount_.Control(dup.dump()), EBUSY) << Reply();
   EXPECT_NE(Reply().find("is in use by job"), std::string::npos) << Reply();
@@ -246,9 +249,7 @@ TEST_F(RbdE2E, PoolQuotaFullStopsTheJobWithEnospcAndResumeCompletesIt) {
   struct DropPool {
     CephCluster* c;
     std::string pool;
-    ~DropPool() {
-      c->Ceph({"osd", "pool", "rm", pool, pool, "--yes-i-really-really-mean-it"});
-    }
+    ~DropPool() { c->Ceph({"osd", "pool", "rm", pool, pool, "--yes-i-really-really-mean-it"}); }
   } drop{cluster_, pool};
   MountDrive(8 * kMiB);
   // The image exists before the pool fills (creating one in a full pool

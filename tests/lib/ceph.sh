@@ -135,8 +135,11 @@ mon warn on pool no redundancy = false
 mon warn on insecure global id reclaim allowed = false
 mon data avail warn = 1
 mon data avail crit = 0
-# Pool usage (and so a pool quota) reaches the mon within about a second.
+# Pool usage reaches the mon within about a second, and the mon checks
+# pool quotas each second (its tick), so a full pool is flagged promptly.
 mgr stats period = 1
+osd mon report interval = 1
+mon tick interval = 1
 # Monitor map updates go out at once rather than batched each second.
 paxos propose interval = 0.05
 paxos min wait = 0.01
