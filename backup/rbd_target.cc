@@ -152,18 +152,22 @@ Result<UniqueFd> OpenConfigFile(const TargetRequest& req, const std::string& pat
 std::string FdPath(const UniqueFd& fd) { return "/proc/self/fd/" + std::to_string(fd.get()); }
 
 // Closes connections on threads of their own (see RbdTarget: closing may
-// wait for a cluster that stopped answering). A function-local static, so it
-// is made after librados has loaded and destroyed before librados's own
-// statics: at exit it waits for the closes still running. Thread-safe; mu_
-// is a leaf lock.
+// wait for a cluster that stopped answering). Made on first use, after
+// librados has loaded, and never destroyed (a stuck thread may still hand
+// it a connection while the process exits); an atexit handler, which runs
+// before librados's own static destructors, waits for the closes still
+// running. Thread-safe; mu_ is a leaf lock.
 class Closer {
  public:
   static Closer& Get() {
-    static Closer closer;
-    return closer;
-  }
-  ~Closer() {
-    if (!Wait(kExitWait)) LogWarn("rbd: exiting with cluster connections still closing");
+    static Closer* const closer = [] {
+      auto* c = new Closer();
+      std::atexit([] {
+        if (!Get().Wait(kExitWait)) LogWarn("rbd: exiting with cluster connections still closing");
+      });
+      return c;
+    }();
+    return *closer;
   }
 
   void Close(RbdTarget::Conn* conn) CBW_EXCLUDES(mu_) {
@@ -199,6 +203,7 @@ class Closer {
 
  private:
   Closer() = default;
+  ~Closer() = delete;
   Mutex mu_;
   CondVar cv_;
   unsigned pending_ CBW_GUARDED_BY(mu_) = 0;

@@ -14,6 +14,8 @@
 #                                 (only those: never by name), SIGKILL after 5 s
 #
 # Needs ceph-mon ceph-osd ceph-mgr ceph-common (tests/lib/install-deps.sh).
+# CEPH_MEMSTORE_BYTES sets the osd's capacity (default 1 GiB; data is kept in
+# memory, so tests keep their images small).
 # The mon listens on a free port (CEPH_MON_PORT overrides), so several
 # clusters (parallel test binaries, a developer's own) can run side by side.
 # On failure `start` stops what it started and prints the daemons' last log
@@ -162,7 +164,7 @@ osd data = $dir/osd
 admin socket = $dir/run/\$name.asok
 pid file = $dir/run/\$name.pid
 osd objectstore = memstore
-memstore device bytes = 1073741824
+memstore device bytes = ${CEPH_MEMSTORE_BYTES:-1073741824}
 osd max object name len = 460
 osd max object namespace len = 64
 CONF
