@@ -72,6 +72,9 @@ BackupJob::BackupJob(JobParams p)
       size_(p.drive->size()),
       nclusters_((p.drive->size() + p.cluster_size - 1) / p.cluster_size),
       cbw_timeout_(p.cbw_timeout),
+      cbw_buffer_bytes_(p.cbw_buffer_bytes),
+      buffering_(p.cbw_buffer_bytes > 0 &&
+                 p.options.on_cbw_error == CbwErrorPolicy::kBreakSnapshot),
       hook_(std::make_shared<Hook>(this)),
       cbw_pool_(WorkerPool::Create("job '" + p.options.job_id + "' cbw", kMaxCbwWorkers,
                                    std::chrono::seconds(10))),
@@ -426,29 +429,125 @@ Status BackupJob::CopySync(Target* target, uint64_t off, uint64_t len, uint64_t*
     Result<size_t> r = PreadFull(drive_->fd(), buf.get(), n, off + done);
     if (!r.ok()) return Status::FromErrno(r.status().code(), "read from source");
     if (*r < n) return Status::Error(EIO, "short read from source");
-    // Cluster by cluster: all-zero clusters become holes or write-zeroes.
-    for (size_t i = 0; i < n;) {
-      const size_t cl = static_cast<size_t>(std::min<uint64_t>(cluster_size_, n - i));
-      const bool zero = IsZero(buf.get() + i, cl);
-      size_t j = i + cl;
-      while (j < n) {
-        size_t cl2 = static_cast<size_t>(std::min<uint64_t>(cluster_size_, n - j));
-        if (IsZero(buf.get() + j, cl2) != zero) break;
-        j += cl2;
-      }
-      Status s;
-      if (zero) {
-        *zero_bytes += j - i;
-        if (!target->zeroed()) s = target->WriteZeroes(off + done + i, j - i);
-      } else {
-        s = target->Write(buf.get() + i, j - i, off + done + i);
-      }
-      if (!s.ok()) return s;
-      i = j;
-    }
+    if (Status s = WriteOut(target, buf.get(), n, off + done, zero_bytes); !s.ok()) return s;
     done += n;
   }
   return Status::Ok();
+}
+
+Status BackupJob::WriteOut(Target* target, const char* buf, size_t n, uint64_t off,
+                           uint64_t* zero_bytes) {
+  // Cluster by cluster: all-zero clusters become holes or write-zeroes.
+  for (size_t i = 0; i < n;) {
+    const size_t cl = static_cast<size_t>(std::min<uint64_t>(cluster_size_, n - i));
+    const bool zero = IsZero(buf + i, cl);
+    size_t j = i + cl;
+    while (j < n) {
+      size_t cl2 = static_cast<size_t>(std::min<uint64_t>(cluster_size_, n - j));
+      if (IsZero(buf + j, cl2) != zero) break;
+      j += cl2;
+    }
+    Status s;
+    if (zero) {
+      *zero_bytes += j - i;
+      if (!target->zeroed()) s = target->WriteZeroes(off + i, j - i);
+    } else {
+      s = target->Write(buf + i, j - i, off + i);
+    }
+    if (!s.ok()) return s;
+    i = j;
+  }
+  return Status::Ok();
+}
+
+uint64_t BackupJob::DirtyBytesLocked(uint64_t c0, uint64_t c1) const {
+  uint64_t n = 0;
+  for (uint64_t a = clusters_.NextDirty(c0, c1); a < c1;) {
+    const uint64_t b = std::min(c1, clusters_.NextClean(a));
+    n += ClusterBytes(a, b);
+    a = clusters_.NextDirty(b, c1);
+  }
+  return n;
+}
+
+Status BackupJob::BufferDirtyLocked(MutexLock* lock, uint64_t c0, uint64_t c1, uint64_t need) {
+  buffer_used_ += need;
+  std::vector<Run> runs;
+  for (const auto& [a, b] : clusters_.Claim(c0, c1)) runs.push_back({a, b});
+  lock->Unlock();
+  // The read is the writer's own (the source is local, and the write that
+  // follows is I/O on the same thread anyway); no lock is held.
+  std::vector<std::shared_ptr<std::vector<char>>> data(runs.size());
+  Status st;
+  try {
+    for (size_t i = 0; i < runs.size() && st.ok(); ++i) {
+      const uint64_t bytes = ClusterBytes(runs[i].c0, runs[i].c1);
+      data[i] = std::make_shared<std::vector<char>>(bytes);
+      Result<size_t> r =
+          PreadFull(drive_->fd(), data[i]->data(), bytes, runs[i].c0 * cluster_size_);
+      if (!r.ok()) {
+        st = Status::FromErrno(r.status().code(), "read from source");
+      } else if (*r < bytes) {
+        st = Status::Error(EIO, "short read from source");
+      }
+    }
+  } catch (const std::bad_alloc&) {
+    st = Status::Error(ENOMEM, "no memory for a copy-before-write buffer");
+  }
+  lock->Relock();
+  if (!st.ok() || stopping_) {
+    for (const auto& r : runs) FinishClaimLocked(r, false, 0, 0, true);
+    buffer_used_ -= need;
+    cv_.SignalAll();
+    return st.ok() ? Status::Ok() : CbwFailedLocked(st);
+  }
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const Run& r = runs[i];
+    buffered_.emplace(r.c0, Buffered{r.c1, std::move(data[i])});
+    // Preserved as far as writers, views and the copier go; the store
+    // counts zeroes when it writes them out.
+    FinishClaimLocked(r, true, ClusterBytes(r.c0, r.c1), 0, true);
+    cbw_pool_->Submit([self = shared_from_this(), c0 = r.c0] { self->StoreBuffered(c0); });
+  }
+  drive_->NoteCbwCopy(need);  // MOUNTPOINT/metrics
+  return Status::Ok();
+}
+
+void BackupJob::StoreBuffered(uint64_t c0) {
+  std::shared_ptr<Target> target;
+  Buffered b;
+  {
+    MutexLock lock(&mu_);
+    auto it = buffered_.find(c0);
+    if (it == buffered_.end()) return;  // the job ended first
+    if (stopping_ || !target_) return;
+    b = it->second;
+    target = target_;
+  }
+  uint64_t zeros = 0;
+  Status st = ending_.load() ? Status::Error(ECANCELED, "job ended")
+                             : WriteOut(target.get(), b.data->data(), b.data->size(),
+                                        c0 * cluster_size_, &zeros);
+  {
+    MutexLock lock(&mu_);
+    auto it = buffered_.find(c0);
+    if (it != buffered_.end()) {
+      buffered_.erase(it);
+      buffer_used_ -= b.data->size();
+      if (st.ok()) {
+        skipped_bytes_ += std::min(zeros, b.data->size());
+        cbw_bytes_ -= std::min(cbw_bytes_, zeros);
+      } else {
+        lost_.push_back({c0, b.c1});
+        if (!stopping_) {
+          LogWarn("job '" + id_ + "': storing a copy-before-write buffer failed: " + st.message());
+          CbwFailedLocked(st);  // break-snapshot: the job fails, writes went on
+        }
+      }
+      cv_.SignalAll();
+    }
+  }
+  // `target` goes here, without the lock (the last reference may close it).
 }
 
 Status BackupJob::CbwFailedLocked(const Status& why) {
@@ -474,10 +573,24 @@ Status BackupJob::BeforeWrite(uint64_t offset, uint64_t length, bool may_block) 
   }
   if (!may_block) {
     // The fast path cannot wait: anything to copy or wait for goes to a
-    // thread that may (see WriteHook).
-    if (clusters_.NextDirty(c0, c1) < c1 || clusters_.AnyCopying(c0, c1) ||
-        FrozenOverlapsLocked(c0, c1)) {
+    // thread that may (see WriteHook). A buffered CBW with room needs no
+    // wait: the writer reads the old data itself and goes on.
+    if (clusters_.AnyCopying(c0, c1) || FrozenOverlapsLocked(c0, c1)) {
       return Status::Error(EAGAIN, "copy-before-write needed");
+    }
+    if (clusters_.NextDirty(c0, c1) < c1) {
+      const uint64_t need = buffering_ ? DirtyBytesLocked(c0, c1) : 0;
+      if (!buffering_ || buffer_used_ + need > cbw_buffer_bytes_) {
+        return Status::Error(EAGAIN, "copy-before-write needed");
+      }
+      if (Status s = BufferDirtyLocked(&lock, c0, c1, need); !s.ok()) return s;
+      // Others may have claimed or frozen clusters meanwhile: the slow path
+      // re-checks.
+      if (stopping_ || broken_) return Status::Ok();
+      if (clusters_.NextDirty(c0, c1) < c1 || clusters_.AnyCopying(c0, c1) ||
+          FrozenOverlapsLocked(c0, c1)) {
+        return Status::Error(EAGAIN, "copy-before-write needed");
+      }
     }
     return Status::Ok();
   }
@@ -486,6 +599,21 @@ Status BackupJob::BeforeWrite(uint64_t offset, uint64_t length, bool may_block) 
   const auto deadline = std::chrono::steady_clock::now() + cbw_timeout_;
   for (;;) {
     if (stopping_ || broken_) return Status::Ok();
+    if (buffering_ && clusters_.NextDirty(c0, c1) < c1) {
+      const uint64_t need = DirtyBytesLocked(c0, c1);
+      if (need <= cbw_buffer_bytes_) {
+        if (buffer_used_ + need > cbw_buffer_bytes_) {
+          // The buffer is full: wait for the store to make room.
+          if (!WaitUntilLocked(&lock, deadline)) {
+            return CbwFailedLocked(Status::Error(ETIMEDOUT, TimeoutText(cbw_timeout_)));
+          }
+          continue;
+        }
+        if (Status s = BufferDirtyLocked(&lock, c0, c1, need); !s.ok()) return s;
+        continue;
+      }
+      // Larger than the whole buffer: copied synchronously below.
+    }
     std::vector<std::shared_ptr<CbwTask>> mine;
     {
       // Claims are handed to tasks; any not handed over (an exception on the
@@ -583,6 +711,9 @@ Result<size_t> BackupJob::ReadSnapshot(void* buf, size_t len, uint64_t off) {
   struct Segment {
     uint64_t off, len;
     bool from_target;
+    // Buffered CBW: the data is in memory, `mem` holds cluster mem_c0 on.
+    std::shared_ptr<const std::vector<char>> mem;
+    uint64_t mem_c0 = 0;
   };
   std::vector<Segment> segs;
   Run frozen{0, 0};
@@ -597,10 +728,26 @@ Result<size_t> BackupJob::ReadSnapshot(void* buf, size_t len, uint64_t off) {
     const uint64_t c0 = off / cluster_size_;
     const uint64_t c1 = (off + len + cluster_size_ - 1) / cluster_size_;
     for (uint64_t c = c0; c < c1;) {
-      const uint64_t e = clusters_.RunEnd(c, c1);
+      uint64_t e = clusters_.RunEnd(c, c1);
+      const bool done = clusters_.IsDone(c);
+      Segment seg{0, 0, done, nullptr, 0};
+      if (done && !buffered_.empty()) {
+        // Done clusters still in the CBW buffer are read from memory.
+        auto it = buffered_.upper_bound(c);
+        if (it != buffered_.begin() && std::prev(it)->second.c1 > c) {
+          --it;
+          e = std::min(e, it->second.c1);
+          seg.mem = it->second.data;
+          seg.mem_c0 = it->first;
+        } else if (it != buffered_.end() && it->first < e) {
+          e = it->first;
+        }
+      }
       const uint64_t s = std::max(off, c * cluster_size_);
       const uint64_t t = std::min(off + len, e * cluster_size_);
-      segs.push_back({s, t - s, clusters_.IsDone(c)});
+      seg.off = s;
+      seg.len = t - s;
+      segs.push_back(std::move(seg));
       c = e;
     }
     frozen = {c0, c1};
@@ -611,7 +758,9 @@ Result<size_t> BackupJob::ReadSnapshot(void* buf, size_t len, uint64_t off) {
   std::string what;
   for (const auto& sg : segs) {
     char* p = static_cast<char*>(buf) + (sg.off - off);
-    if (sg.from_target) {
+    if (sg.mem) {
+      std::memcpy(p, sg.mem->data() + (sg.off - sg.mem_c0 * cluster_size_), sg.len);
+    } else if (sg.from_target) {
       if (Status s = target->Read(p, sg.len, sg.off); !s.ok()) {
         err = s.code();
         what = s.message();
@@ -683,6 +832,16 @@ Result<uint64_t> BackupJob::SeekSnapshot(uint64_t off, int whence) {
       }
       done = clusters_.IsDone(c);
       run_end = std::min(size_, clusters_.RunEnd(c, c + kSeekScanClusters) * cluster_size_);
+      if (done && !buffered_.empty()) {
+        // Buffered clusters are data the target does not hold yet.
+        auto it = buffered_.upper_bound(c);
+        if (it != buffered_.begin() && std::prev(it)->second.c1 > c) {
+          if (whence == SEEK_DATA) return pos;
+          pos = std::min(size_, std::prev(it)->second.c1 * cluster_size_);
+          continue;
+        }
+        if (it != buffered_.end()) run_end = std::min(run_end, it->first * cluster_size_);
+      }
     }
     Known& k = known[done ? 1 : 0];
     uint64_t answer;
@@ -757,7 +916,8 @@ void BackupJob::Consume(uint64_t bytes) {
 
 bool BackupJob::AllDone() {
   MutexLock lock(&mu_);
-  return clusters_.NextCopyable(0) >= nclusters_ && clusters_.copying_count() == 0;
+  return clusters_.NextCopyable(0) >= nclusters_ && clusters_.copying_count() == 0 &&
+         buffered_.empty();
 }
 
 void BackupJob::Wait(uint64_t ns) {
@@ -915,6 +1075,11 @@ void BackupJob::Conclude(Outcome outcome) {
     if (error_) outcome = Outcome::kFailed;  // the first error is sticky
     stopping_ = true;
     busy_ = false;
+    // Buffered clusters not stored by now never will be (stores in flight
+    // keep their own data); the memory goes.
+    for (const auto& [c0, b] : buffered_) lost_.push_back({c0, b.c1});
+    buffered_.clear();
+    buffer_used_ = 0;
     cv_.SignalAll();
     if (outcome != Outcome::kSuccess) {
       if (status_ == JobStatus::kPaused) TransitionLocked(JobStatus::kRunning);
@@ -960,6 +1125,8 @@ void BackupJob::Conclude(Outcome outcome) {
         not_copied.emplace_back(c * cluster_size_, ClusterBytes(c, e));
         c = clusters_.NextCopyable(e);
       }
+      for (const Run& r : lost_)
+        not_copied.emplace_back(r.c0 * cluster_size_, ClusterBytes(r.c0, r.c1));
     }
     on_bitmap_end_(outcome == Outcome::kSuccess, std::move(not_copied));
   }

@@ -22,6 +22,18 @@
 //    break-guest-write fails the write with EIO (QEMU says ETIMEDOUT; SPEC
 //    promises EIO for a refused write);
 //  - snapshot readers are not waited for at all when the job ends.
+//
+// Buffered copy-before-write (on-cbw-error break-snapshot only): a drive
+// write does not wait for the target. The writer reads the point-in-time
+// data of the clusters it is about to overwrite into memory (bounded by
+// cbw_buffer_bytes per job), the clusters count as preserved at once, and
+// the write proceeds; CBW workers store the buffered clusters into the
+// target in the background. Views read buffered clusters from memory; the
+// job succeeds only once every buffered cluster is stored; a store that
+// fails breaks the snapshot (the write it preserved for has long returned,
+// which is what break-snapshot allows). When the buffer is full, writers
+// wait for room (the CBW timeout applies). break-guest-write keeps the
+// synchronous copy: its write must fail if the copy fails.
 // Threads that may be stuck (copier, CBW tasks, view reads) hold a shared_ptr
 // to the job and to the target, so both outlive them and the last user closes
 // the target. A stuck thread touches neither the drive nor the registry once
@@ -47,6 +59,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -80,6 +93,8 @@ struct JobParams {
   unsigned queue_depth = 8;           // chunks in flight
   // How long a drive write waits for its copy-before-write (see above).
   std::chrono::milliseconds cbw_timeout{30'000};
+  // Memory for buffered copy-before-write (see above); 0 turns it off.
+  uint64_t cbw_buffer_bytes = 64ull << 20;
   // With a dirty bitmap (SPEC 7): called once when the job ends, before its
   // completion is announced, with the outcome and the byte ranges of the
   // copy set it had not copied.
@@ -208,6 +223,19 @@ class BackupJob : public std::enable_shared_from_this<BackupJob>, private Copier
   // Copies [off, off+len) from the source to `target` (zeros as holes or
   // write-zeroes); no lock held.
   Status CopySync(Target* target, uint64_t off, uint64_t len, uint64_t* zero_bytes);
+  // Writes `n` bytes of point-in-time data at `off` to `target`, cluster by
+  // cluster (all-zero clusters as holes or write-zeroes); no lock held.
+  Status WriteOut(Target* target, const char* buf, size_t n, uint64_t off, uint64_t* zero_bytes);
+  // Bytes of the dirty clusters in [c0, c1).
+  uint64_t DirtyBytesLocked(uint64_t c0, uint64_t c1) const CBW_REQUIRES(mu_);
+  // Buffered CBW: claims the dirty clusters of [c0, c1) (`need` bytes, room
+  // already checked), reads them from the source with mu_ released, and
+  // hands them to the store. Returns what on-cbw-error says if the read fails.
+  Status BufferDirtyLocked(MutexLock* lock, uint64_t c0, uint64_t c1, uint64_t need)
+      CBW_REQUIRES(mu_) CBW_NO_TSA;
+  // Stores the buffered run starting at cluster c0 into the target (a CBW
+  // worker).
+  void StoreBuffered(uint64_t c0) CBW_EXCLUDES(mu_);
 
   const std::string id_;
   const BackupOptions options_;
@@ -222,6 +250,8 @@ class BackupJob : public std::enable_shared_from_this<BackupJob>, private Copier
   const uint64_t size_;
   const uint64_t nclusters_;
   const std::chrono::milliseconds cbw_timeout_;
+  const uint64_t cbw_buffer_bytes_;
+  const bool buffering_;  // buffered CBW (break-snapshot and a buffer)
   const std::shared_ptr<WriteHook> hook_;
   const std::shared_ptr<WorkerPool> cbw_pool_;
   const std::function<void(bool, std::vector<std::pair<uint64_t, uint64_t>>)> on_bitmap_end_;
@@ -239,6 +269,17 @@ class BackupJob : public std::enable_shared_from_this<BackupJob>, private Copier
   std::vector<Event> outbox_ CBW_GUARDED_BY(mu_);
   ClusterMap clusters_ CBW_GUARDED_BY(mu_);
   std::vector<Run> frozen_reads_ CBW_GUARDED_BY(mu_);
+  // Buffered CBW: runs preserved in memory, done in clusters_ but not yet in
+  // the target, by first cluster. Shared with the store task and views.
+  struct Buffered {
+    uint64_t c1;
+    std::shared_ptr<const std::vector<char>> data;
+  };
+  std::map<uint64_t, Buffered> buffered_ CBW_GUARDED_BY(mu_);
+  uint64_t buffer_used_ CBW_GUARDED_BY(mu_) = 0;  // bytes buffered or being read
+  // Buffered runs that never reached the target (a failed store, or the job
+  // ended first): not copied, for the bitmap's fate.
+  std::vector<Run> lost_ CBW_GUARDED_BY(mu_);
   bool copier_running_ CBW_GUARDED_BY(mu_) = false;
   bool thread_started_ CBW_GUARDED_BY(mu_) = false;
   bool run_finished_ CBW_GUARDED_BY(mu_) = false;

@@ -413,6 +413,7 @@ Status JobRegistry::Transaction(const std::vector<TxnAction>& actions, Completio
     params.txn = txn;
     params.cluster_size = options_.cluster_size;
     params.cbw_timeout = std::chrono::milliseconds(options_.cbw_timeout_ms);
+    params.cbw_buffer_bytes = options_.cbw_buffer_bytes;
     if (p.mode) {
       DriveBitmaps* db = p.bitmaps;
       const std::string name = *params.options.bitmap;

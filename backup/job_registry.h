@@ -53,6 +53,9 @@ struct RegistryOptions {
   // on-cbw-error applies (a target that stopped answering). Internal, not a
   // QMP argument; see BackupJob.
   uint32_t cbw_timeout_ms = 30'000;
+  // Memory per job for buffered copy-before-write under break-snapshot (see
+  // BackupJob); 0: every CBW copy is synchronous.
+  uint64_t cbw_buffer_bytes = 64ull << 20;
   // How long a remote target (NBD, qcow2 via qemu-nbd) may leave requests
   // unanswered before they fail as target errors (SPEC 6: 30 s).
   uint32_t target_timeout_ms = 30'000;

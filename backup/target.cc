@@ -10,6 +10,9 @@
 #include "backup/posix_io.h"
 #include "backup/qcow2_target.h"
 #include "backup/target_path.h"
+#ifdef CBW_HAVE_RBD
+#include "backup/rbd_target.h"
+#endif
 
 namespace cbw::backup {
 
@@ -36,6 +39,17 @@ Result<std::shared_ptr<Target>> OpenTarget(const TargetRequest& req,
     auto t = NbdTarget::Open(req);
     if (!t.ok()) return t.status();
     return std::shared_ptr<Target>(std::move(*t));
+  }
+  // QEMU's protocol prefix: "rbd:" names a Ceph image, never a local path.
+  if (req.spec.rfind("rbd:", 0) == 0) {
+#ifdef CBW_HAVE_RBD
+    auto t = RbdTarget::Open(req);
+    if (!t.ok()) return t.status();
+    return std::shared_ptr<Target>(std::move(*t));
+#else
+    return Status::Error(
+        EINVAL, "Target '" + req.spec + "': RBD targets are not supported by this build of cbwfs");
+#endif
   }
   const bool creating = req.mode == TargetMode::kAbsolutePaths;
   Result<ResolvedPath> where = ResolvePath(req.spec, req.base_dir, req.mountpoint, req.mount_dev);

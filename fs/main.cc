@@ -126,6 +126,7 @@ int Run(int argc, char** argv) {
   cbw::backup::EventBus bus;
   cbw::backup::RegistryOptions ropts;
   ropts.cluster_size = opts.cluster_size;
+  ropts.cbw_buffer_bytes = opts.cbw_buffer_bytes;
   ropts.mountpoint = real;
   ropts.base_dir = cwd;
   ropts.state_dir = opts.state_dir;

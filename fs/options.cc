@@ -32,6 +32,9 @@ po::options_description Settings() {
        "FUSE mount options (e.g. allow_other)")  //
       ("cluster-size", po::value<std::string>()->value_name("BYTES"),
        "CBW granularity, a power of two from 4K to 16M (default 64K)")  //
+      ("cbw-buffer", po::value<std::string>()->value_name("BYTES"),
+       "memory per job for copy-before-write data not yet in the target, so drive writes "
+       "need not wait for it (on-cbw-error break-snapshot only; default 64M, 0: off)")  //
       ("state-dir", po::value<std::string>()->value_name("DIR"),
        "keep job records in DIR across restarts")  //
       ("qmp", po::value<std::string>()->value_name("PATH"),
@@ -76,6 +79,8 @@ bool ParseSize(const std::string& text, uint64_t* bytes) {
     mult = 1024;
   } else if (suffix == "M" || suffix == "m") {
     mult = 1024 * 1024;
+  } else if (suffix == "G" || suffix == "g") {
+    mult = 1024ull * 1024 * 1024;
   } else if (!suffix.empty()) {
     return false;
   }
@@ -229,6 +234,14 @@ backup::Result<Options> ParseOptions(int argc, char** argv) {
                    "': must be a power of two from 4K to 16M (suffixes K, M)");
     }
     o.cluster_size = v;
+  }
+  if (vm.count("cbw-buffer")) {
+    const std::string& text = vm["cbw-buffer"].as<std::string>();
+    uint64_t v = 0;
+    if (!ParseSize(text, &v) || v > (64ull << 30)) {
+      return Usage("--cbw-buffer '" + text + "': a size up to 64G (suffixes K, M, G), or 0");
+    }
+    o.cbw_buffer_bytes = v;
   }
   if (vm.count("state-dir")) {
     o.state_dir = vm["state-dir"].as<std::string>();

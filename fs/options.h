@@ -17,6 +17,7 @@ struct Options {
   bool foreground = false;
   std::vector<std::string> mount_options;  // -o, split at commas
   uint64_t cluster_size = 64 * 1024;
+  uint64_t cbw_buffer_bytes = 64ull << 20;  // --cbw-buffer
   std::string state_dir;
   std::string qmp_path;     // --qmp: "" = no QMP socket
   std::string log_file;     // --log-file: "" = default sinks, "-" = stderr

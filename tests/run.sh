@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Installs what is missing, configures and builds cbwfs from scratch, and runs
 # the whole test suite with ctest.
-#   tests/run.sh           the suite (unit + end-to-end through real FUSE mounts)
-#   tests/run.sh --asan    the same, built with AddressSanitizer + UBSan
+#   tests/run.sh           the suite (unit + end-to-end through real FUSE mounts, and label
+#                          `ceph`: RBD targets against a single-node Ceph cluster that the test
+#                          binary starts and stops itself, tests/lib/ceph.sh)
+#   tests/run.sh --asan    the same, built with AddressSanitizer + UBSan (`ceph` included:
+#                          librbd calls back on its own threads, and requests that time out
+#                          outlive their callers, which is what ASan checks)
 #   tests/run.sh --tsan    the unit tests (engine concurrency, stress, control), built with
-#                          ThreadSanitizer
+#                          ThreadSanitizer (not `ceph`: librados/librbd are not instrumented,
+#                          and TSan cannot see all of their synchronisation)
 #   tests/run.sh --fuzz    the libFuzzer targets (clang), for a bounded time
 # BUILD_DIR overrides the build folder (default: build-test[-asan|-tsan|-fuzz]).
 set -euo pipefail

@@ -5,7 +5,10 @@ set -euo pipefail
 pkgs=(build-essential cmake ninja-build pkg-config libfuse3-dev fuse3 liburing-dev
       nlohmann-json3-dev libboost-program-options-dev libgtest-dev googletest jq
       clang libclang-rt-14-dev qemu-utils locales e2fsprogs libsystemd-dev python3
-      python3-prometheus-client groff-base man-db libnbd-dev libnbd-bin nbdkit "$@")
+      python3-prometheus-client groff-base man-db libnbd-dev libnbd-bin nbdkit
+      # Ceph RBD targets: the client libraries, and a single-node cluster
+      # for the tests (tests/lib/ceph.sh)
+      librbd-dev librados-dev ceph-mon ceph-osd ceph-mgr ceph-common "$@")
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
