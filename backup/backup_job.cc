@@ -501,15 +501,36 @@ Status BackupJob::BufferDirtyLocked(MutexLock* lock, uint64_t c0, uint64_t c1, u
     cv_.SignalAll();
     return st.ok() ? Status::Ok() : CbwFailedLocked(st);
   }
+  uint64_t data_bytes = 0;
   for (size_t i = 0; i < runs.size(); ++i) {
     const Run& r = runs[i];
-    buffered_.emplace(r.c0, Buffered{r.c1, std::move(data[i])});
-    // Preserved as far as writers, views and the copier go; the store
-    // counts zeroes when it writes them out.
-    FinishClaimLocked(r, true, ClusterBytes(r.c0, r.c1), 0, true);
-    cbw_pool_->Submit([self = shared_from_this(), c0 = r.c0] { self->StoreBuffered(c0); });
+    // Split into all-zero and data pieces, cluster by cluster: zero pieces
+    // keep no memory and are holes to the view's seeks.
+    uint64_t zero_bytes = 0;
+    for (uint64_t a = r.c0; a < r.c1;) {
+      auto zero_at = [&](uint64_t c) {
+        return IsZero(data[i]->data() + (c - r.c0) * cluster_size_, ClusterBytes(c, c + 1));
+      };
+      const bool zero = zero_at(a);
+      uint64_t b = a + 1;
+      while (b < r.c1 && zero_at(b) == zero) ++b;
+      const uint64_t bytes = ClusterBytes(a, b);
+      if (zero) {
+        buffer_used_ -= bytes;
+        zero_bytes += bytes;
+        buffered_.emplace(a, Buffered{b, nullptr, 0});
+      } else {
+        buffered_.emplace(a, Buffered{b, data[i], static_cast<size_t>((a - r.c0) * cluster_size_)});
+      }
+      cbw_pool_->Submit([self = shared_from_this(), a] { self->StoreBuffered(a); });
+      a = b;
+    }
+    // Preserved as far as writers, views and the copier go.
+    const uint64_t run_bytes = ClusterBytes(r.c0, r.c1);
+    FinishClaimLocked(r, true, run_bytes - zero_bytes, zero_bytes, true);
+    data_bytes += run_bytes - zero_bytes;
   }
-  drive_->NoteCbwCopy(need);  // MOUNTPOINT/metrics
+  drive_->NoteCbwCopy(data_bytes);  // MOUNTPOINT/metrics
   return Status::Ok();
 }
 
@@ -524,20 +545,23 @@ void BackupJob::StoreBuffered(uint64_t c0) {
     b = it->second;
     target = target_;
   }
-  uint64_t zeros = 0;
-  Status st = ending_.load() ? Status::Error(ECANCELED, "job ended")
-                             : WriteOut(target.get(), b.data->data(), b.data->size(),
-                                        c0 * cluster_size_, &zeros);
+  const uint64_t bytes = ClusterBytes(c0, b.c1);
+  Status st;
+  if (ending_.load()) {
+    st = Status::Error(ECANCELED, "job ended");
+  } else if (!b.data) {
+    if (!target->zeroed()) st = target->WriteZeroes(c0 * cluster_size_, bytes);
+  } else {
+    // Data pieces are whole data clusters (split when buffered).
+    st = target->Write(b.data->data() + b.data_off, bytes, c0 * cluster_size_);
+  }
   {
     MutexLock lock(&mu_);
     auto it = buffered_.find(c0);
     if (it != buffered_.end()) {
       buffered_.erase(it);
-      buffer_used_ -= b.data->size();
-      if (st.ok()) {
-        skipped_bytes_ += std::min(zeros, b.data->size());
-        cbw_bytes_ -= std::min(cbw_bytes_, zeros);
-      } else {
+      if (b.data) buffer_used_ -= bytes;
+      if (!st.ok()) {
         lost_.push_back({c0, b.c1});
         if (!stopping_) {
           LogWarn("job '" + id_ + "': storing a copy-before-write buffer failed: " + st.message());
@@ -711,8 +735,11 @@ Result<size_t> BackupJob::ReadSnapshot(void* buf, size_t len, uint64_t off) {
   struct Segment {
     uint64_t off, len;
     bool from_target;
-    // Buffered CBW: the data is in memory, `mem` holds cluster mem_c0 on.
+    // Buffered CBW: the data is in memory (`mem` + mem_off holds cluster
+    // mem_c0 on; null: zeroes).
+    bool buffered = false;
     std::shared_ptr<const std::vector<char>> mem;
+    size_t mem_off = 0;
     uint64_t mem_c0 = 0;
   };
   std::vector<Segment> segs;
@@ -730,14 +757,16 @@ Result<size_t> BackupJob::ReadSnapshot(void* buf, size_t len, uint64_t off) {
     for (uint64_t c = c0; c < c1;) {
       uint64_t e = clusters_.RunEnd(c, c1);
       const bool done = clusters_.IsDone(c);
-      Segment seg{0, 0, done, nullptr, 0};
+      Segment seg{0, 0, done, false, nullptr, 0, 0};
       if (done && !buffered_.empty()) {
         // Done clusters still in the CBW buffer are read from memory.
         auto it = buffered_.upper_bound(c);
         if (it != buffered_.begin() && std::prev(it)->second.c1 > c) {
           --it;
           e = std::min(e, it->second.c1);
+          seg.buffered = true;
           seg.mem = it->second.data;
+          seg.mem_off = it->second.data_off;
           seg.mem_c0 = it->first;
         } else if (it != buffered_.end() && it->first < e) {
           e = it->first;
@@ -758,8 +787,12 @@ Result<size_t> BackupJob::ReadSnapshot(void* buf, size_t len, uint64_t off) {
   std::string what;
   for (const auto& sg : segs) {
     char* p = static_cast<char*>(buf) + (sg.off - off);
-    if (sg.mem) {
-      std::memcpy(p, sg.mem->data() + (sg.off - sg.mem_c0 * cluster_size_), sg.len);
+    if (sg.buffered) {
+      if (sg.mem) {
+        std::memcpy(p, sg.mem->data() + sg.mem_off + (sg.off - sg.mem_c0 * cluster_size_), sg.len);
+      } else {
+        std::memset(p, 0, sg.len);
+      }
     } else if (sg.from_target) {
       if (Status s = target->Read(p, sg.len, sg.off); !s.ok()) {
         err = s.code();
@@ -836,8 +869,9 @@ Result<uint64_t> BackupJob::SeekSnapshot(uint64_t off, int whence) {
         // Buffered clusters are data the target does not hold yet.
         auto it = buffered_.upper_bound(c);
         if (it != buffered_.begin() && std::prev(it)->second.c1 > c) {
-          if (whence == SEEK_DATA) return pos;
-          pos = std::min(size_, std::prev(it)->second.c1 * cluster_size_);
+          const Buffered& b = std::prev(it)->second;
+          if ((whence == SEEK_DATA) == (b.data != nullptr)) return pos;  // data, or a hole
+          pos = std::min(size_, b.c1 * cluster_size_);
           continue;
         }
         if (it != buffered_.end()) run_end = std::min(run_end, it->first * cluster_size_);

@@ -273,7 +273,10 @@ class BackupJob : public std::enable_shared_from_this<BackupJob>, private Copier
   // the target, by first cluster. Shared with the store task and views.
   struct Buffered {
     uint64_t c1;
+    // The clusters' data starts at data->data() + data_off; null: all zero
+    // (stored as a hole or write-zeroes, a hole to seeks, no memory kept).
     std::shared_ptr<const std::vector<char>> data;
+    size_t data_off = 0;
   };
   std::map<uint64_t, Buffered> buffered_ CBW_GUARDED_BY(mu_);
   uint64_t buffer_used_ CBW_GUARDED_BY(mu_) = 0;  // bytes buffered or being read

@@ -2,7 +2,9 @@
 // live on a faultfs mount (tests/tools/faultfs.cc) that fails, shortens or
 // slows chosen requests, so the engine's real read/write paths see them.
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <linux/falloc.h>
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
@@ -10,6 +12,7 @@
 #include <unistd.h>
 
 #include "tests/backup/test_util.h"
+#include "tests/lib/faultfs_mount.h"
 
 namespace cbw::backup {
 namespace {
@@ -28,62 +31,20 @@ class FaultTest : public ::testing::Test {
   void SetUp() override {
     backing_ = dir_ / "backing";
     mnt_ = dir_ / "mnt";
-    ASSERT_EQ(mkdir(backing_.c_str(), 0755), 0);
-    ASSERT_EQ(mkdir(mnt_.c_str(), 0755), 0);
-    pid_ = fork();
-    if (pid_ == 0) {
-      int null = open("/dev/null", O_RDWR);
-      dup2(null, 1);
-      execl(FAULTFS_PATH, "faultfs", backing_.c_str(), mnt_.c_str(), nullptr);
-      _exit(127);
-    }
-    struct stat base {};
-    stat(dir_.path().c_str(), &base);
-    bool mounted = WaitFor(
-        [&] {
-          struct stat st {};
-          if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
-            pid_ = -1;
-            return true;
-          }
-          return stat(mnt_.c_str(), &st) == 0 && st.st_dev != base.st_dev;
-        },
-        10);
-    if (!mounted || pid_ < 0) {
-      GTEST_SKIP() << "faultfs could not mount (no /dev/fuse?)";
-    }
+    faults_ = std::make_unique<test::FaultFs>(FAULTFS_PATH, backing_, mnt_);
+    if (!faults_->mounted()) GTEST_SKIP() << "faultfs could not mount (no /dev/fuse?)";
   }
 
   void TearDown() override {
     registry_.reset();
     drive_.reset();
-    if (pid_ > 0) {
-      std::string cmd = "fusermount3 -uz '" + mnt_ + "' 2>/dev/null";
-      if (system(cmd.c_str()) != 0) kill(pid_, SIGTERM);
-      if (!WaitFor([&] { return waitpid(pid_, nullptr, WNOHANG) == pid_; }, 5)) {
-        kill(pid_, SIGKILL);
-        waitpid(pid_, nullptr, 0);
-      }
-    }
+    faults_.reset();
   }
 
-  // faultfs's .status: how many requests a slow/hang rule holds right now.
-  int Waiting() {
-    std::string st = ReadAll(mnt_ + "/.status");
-    return st.rfind("waiting ", 0) == 0 ? std::atoi(st.c_str() + 8) : -1;
-  }
-  // Waits until a slow/hang rule holds at least n requests.
-  bool WaitHeld(int n = 1) {
-    return WaitFor([&] { return Waiting() >= n; }, 10);
-  }
+  int Waiting() { return faults_->Waiting(); }
+  bool WaitHeld(int n = 1) { return faults_->WaitHeld(n); }
 
-  void SetFaults(const std::string& rules) {
-    int fd = open((mnt_ + "/.faults").c_str(), O_WRONLY);
-    ASSERT_GE(fd, 0);
-    std::string text = rules.empty() ? std::string("\n") : rules;
-    ASSERT_EQ(write(fd, text.data(), text.size()), static_cast<ssize_t>(text.size()));
-    close(fd);
-  }
+  void SetFaults(const std::string& rules) { faults_->SetRules(rules); }
 
   // A drive whose source is on the fault mount (source_on_mount) or local.
   void MakeDrive(const std::string& data, bool source_on_mount) {
@@ -120,7 +81,7 @@ class FaultTest : public ::testing::Test {
   TempDir dir_;
   RegistryOptions ropts_;  // for MakeDrive
   std::string backing_, mnt_;
-  pid_t pid_ = -1;
+  std::unique_ptr<test::FaultFs> faults_;
   EventBus bus_;
   std::string data_;
   std::unique_ptr<Drive> drive_;
@@ -542,8 +503,10 @@ TEST_F(FaultTest, ShutdownIsBoundedWhileTheTargetHangs) {
   SetFaults("");
 }
 
+// The synchronous CBW path (no buffer).
 TEST_F(FaultTest, HungCbwBreakSnapshotTimesOutLetsTheWriteThroughAndFailsTheJob) {
   ropts_.cbw_timeout_ms = 500;
+  ropts_.cbw_buffer_bytes = 0;
   MakeDrive(RandomBytes(4 * kMiB, 43), false);
   ASSERT_TRUE(registry_->StartBackups({Opts(SyncMode::kNone)}).ok());
   SetFaults("tgt.img write hang");
@@ -581,6 +544,111 @@ TEST_F(FaultTest, HungCbwBreakGuestWriteTimesOutWithEioAndKeepsTheJob) {
   EXPECT_TRUE(WaitFor([&] { return Ended(); }, 5));
   EXPECT_EQ(Info()->result, JobResult::kCancelled);
   SetFaults("");
+}
+
+// Buffered CBW (break-snapshot): a drive write does not wait for the
+// target. With the target hung, writes to dirty clusters return (the
+// synchronous path would wait the whole minute of CBW timeout), the view
+// reads their point-in-time data from memory, and once the target answers
+// again the stores put it there.
+TEST_F(FaultTest, BufferedCbwWritesDoNotWaitForAHungTarget) {
+  ropts_.cbw_timeout_ms = 60'000;
+  MakeDrive(RandomBytes(4 * kMiB, 47), false);
+  ASSERT_TRUE(registry_->StartBackups({Opts(SyncMode::kNone)}).ok());
+  SetFaults("tgt.img write hang");
+  std::string expect = data_;
+  const std::vector<uint64_t> offs = {2 * kMiB + 100, 3 * kMiB, 4 * kMiB - 4096};
+  for (uint64_t off : offs) {
+    std::string fresh = RandomBytes(4096, off);
+    auto w = drive_->Write(fresh.data(), fresh.size(), off);
+    ASSERT_TRUE(w.ok()) << w.status().message();
+    expect.replace(off, fresh.size(), fresh);
+  }
+  ASSERT_TRUE(WaitHeld());  // the stores are stuck in the target
+  EXPECT_TRUE(SameBytes(ReadAll(dir_ / "src.img"), expect));
+  // The view: the overwritten clusters come from memory (the target hangs),
+  // the rest from the source.
+  std::string view(2 * kMiB, '\0');
+  auto r = registry_->ReadSnapshot("drive0", view.data(), view.size(), 2 * kMiB);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_TRUE(SameBytes(view, data_.substr(2 * kMiB)));
+  EXPECT_TRUE(Status(JobStatus::kRunning));
+  SetFaults("");
+  // The stores finish: the target holds the old clusters (fleecing).
+  EXPECT_TRUE(WaitFor([&] {
+    std::string t = Target();
+    for (uint64_t off : offs) {
+      const uint64_t c = off / 65536 * 65536;
+      if (t.size() < c + 65536 || t.compare(c, 65536, data_, c, 65536) != 0) return false;
+    }
+    return true;
+  }));
+  EXPECT_EQ(Info()->cbw_bytes, 3 * 65536u);
+  ASSERT_TRUE(registry_->Cancel("drive0").ok());
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
+  EXPECT_EQ(Info()->result, JobResult::kCancelled);
+}
+
+// A full buffer: writers wait for room, and the CBW timeout still applies
+// (break-snapshot: the write goes through, the job fails).
+TEST_F(FaultTest, BufferedCbwFullBufferWaitsThenTimesOut) {
+  ropts_.cbw_timeout_ms = 500;
+  ropts_.cbw_buffer_bytes = 128 * 1024;
+  MakeDrive(RandomBytes(4 * kMiB, 48), false);
+  ASSERT_TRUE(registry_->StartBackups({Opts(SyncMode::kNone)}).ok());
+  SetFaults("tgt.img write hang");
+  std::string fresh = RandomBytes(65536, 49);
+  // Two clusters fill the buffer at once.
+  ASSERT_TRUE(drive_->Write(fresh.data(), fresh.size(), kMiB).ok());
+  ASSERT_TRUE(drive_->Write(fresh.data(), fresh.size(), 2 * kMiB).ok());
+  EXPECT_TRUE(Status(JobStatus::kRunning));
+  auto t0 = std::chrono::steady_clock::now();
+  auto w = drive_->Write(fresh.data(), fresh.size(), 3 * kMiB);
+  ASSERT_TRUE(w.ok()) << w.status().message();
+  EXPECT_GE(SecondsSince(t0), 0.4);
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }, 5));
+  EXPECT_EQ(Info()->result, JobResult::kFailed);
+  EXPECT_NE(Info()->error.value_or("").find("timed out"), std::string::npos) << *Info()->error;
+  std::string src = ReadAll(dir_ / "src.img");
+  for (uint64_t off : {kMiB, 2 * kMiB, 3 * kMiB}) {
+    EXPECT_EQ(src.substr(off, fresh.size()), fresh);
+  }
+  SetFaults("");
+}
+
+// Seeks on a view: a buffered cluster is data even where the target still
+// has a hole.
+TEST_F(FaultTest, BufferedCbwClustersAreDataToSeeks) {
+  std::string data(4 * kMiB, '\0');
+  std::string old = RandomBytes(65536, 50);
+  data.replace(10 * 65536, old.size(), old);
+  MakeDrive(data, false);
+  {
+    // A sparse source: data only in cluster 10.
+    int fd = open((dir_ / "src.img").c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 10 * 65536), 0);
+    ASSERT_EQ(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 11 * 65536,
+                        4 * kMiB - 11 * 65536),
+              0);
+    close(fd);
+  }
+  ASSERT_TRUE(registry_->StartBackups({Opts(SyncMode::kNone)}).ok());
+  SetFaults("tgt.img write hang");
+  std::string fresh = RandomBytes(4096, 51);
+  ASSERT_TRUE(drive_->Write(fresh.data(), fresh.size(), 10 * 65536).ok());
+  auto d = registry_->SeekSnapshot("drive0", 0, SEEK_DATA);
+  ASSERT_TRUE(d.ok()) << d.status().message();
+  EXPECT_EQ(*d, 10 * 65536u);
+  auto h = registry_->SeekSnapshot("drive0", 10 * 65536, SEEK_HOLE);
+  ASSERT_TRUE(h.ok()) << h.status().message();
+  EXPECT_EQ(*h, 11 * 65536u);
+  std::string view(65536, '\0');
+  ASSERT_TRUE(registry_->ReadSnapshot("drive0", view.data(), view.size(), 10 * 65536).ok());
+  EXPECT_TRUE(SameBytes(view, old));
+  SetFaults("");
+  ASSERT_TRUE(registry_->Cancel("drive0").ok());
+  ASSERT_TRUE(WaitFor([&] { return Ended(); }));
 }
 
 }  // namespace

@@ -17,8 +17,8 @@
 #include <thread>
 #include <vector>
 
-#include "tests/fs/faultfs_mount.h"
 #include "tests/fs/shell_helpers.h"
+#include "tests/lib/faultfs_mount.h"
 
 namespace cbw::test {
 namespace {
@@ -81,7 +81,9 @@ TEST(HungTargetUnderLoad, CancelAndJobFilesAnswerWithThirtyTwoWritersInFlight) {
   WriteFileOrDie(dir / "src.img", image);
   faults.SetRules("tgt.img write hang 8388608 67108864\n");
   CbwfsMount m;
-  ASSERT_TRUE(m.Start({"--drive", "drive0=" + (dir / "src.img")}));
+  // Synchronous CBW (no buffer): the writers wait in the CBW path, which is
+  // what this test is about. (Buffered, they would not wait at all.)
+  ASSERT_TRUE(m.Start({"--drive", "drive0=" + (dir / "src.img"), "--cbw-buffer", "0"}));
   ASSERT_EQ(m.Control(Cmd("drive-backup", {{"device", "drive0"},
                                            {"job-id", "j"},
                                            {"target", dir / "fmnt/tgt.img"},

@@ -16,7 +16,7 @@
 #include <thread>
 #include <vector>
 
-#include "tests/fs/faultfs_mount.h"
+#include "tests/lib/faultfs_mount.h"
 #include "tests/fs/shell_helpers.h"
 
 namespace cbw::test {

@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "tests/lib/faultfs_mount.h"
 #include "tests/fs/shell_helpers.h"
 
 namespace cbw::test {
@@ -439,6 +440,64 @@ TEST(CrashSafety, SigkillWithABlockDeviceSource) {
   RunCommand({"losetup", "-d", dev});
 }
 
+// Buffered copy-before-write (issue 14): SIGKILL while stores of buffered
+// clusters are held by a slow target. Every acknowledged write is in the
+// source (it never waited for the store), and the job comes back failed.
+TEST(CrashSafety, SigkillWithBufferedStoresPendingLosesNoWrite) {
+  TempDir dir;
+  const std::string src = dir / "src.img";
+  constexpr uint64_t kSize = 8 << 20, kWriters = 2, kRegion = kSize / kWriters;
+  std::string image = RandomBytes(kSize, 9);
+  WriteFileOrDie(src, image);
+  FaultFs slow(FAULTFS_PATH, dir / "backing", dir / "faulty");
+  if (!slow.mounted()) GTEST_SKIP() << "faultfs could not mount";
+  slow.SetRules("buffered.img write slow=2000\n");
+  mkdir((dir / "mnt").c_str(), 0755);
+  mkdir((dir / "state").c_str(), 0755);
+  Daemon d(dir / "mnt", dir / "cbwfs.log");
+  const std::vector<std::string> args = {"--drive", "drive0=" + src, "--state-dir", dir / "state"};
+  ASSERT_TRUE(d.Start(args));
+  std::string reply;
+  ASSERT_EQ(ControlAt(d.mnt(),
+                      Cmd("drive-backup", {{"device", "drive0"},
+                                           {"job-id", "buffered"},
+                                           {"target", slow / "buffered.img"},
+                                           {"sync", "none"}}),
+                      &reply),
+            0)
+      << reply;
+  std::mt19937_64 rng(99);
+  std::vector<std::unique_ptr<ModelWriter>> writers;
+  for (uint64_t w = 0; w < kWriters; ++w) {
+    writers.push_back(std::make_unique<ModelWriter>(d.mnt() + "/drive0", w * kRegion,
+                                                    image.substr(w * kRegion, kRegion), rng()));
+    writers.back()->Start();
+  }
+  auto ops = [&] {
+    uint64_t n = 0;
+    for (auto& w : writers) n += w->ops();
+    return n;
+  };
+  // Writes go on while the stores are held (each takes 2 s).
+  ASSERT_TRUE(WaitFor([&] { return slow.Waiting() >= 1 && ops() >= 50; }, std::chrono::seconds(30)))
+      << "ops " << ops() << ", stores held " << slow.Waiting() << "\n"
+      << d.Log();
+  EXPECT_GE(slow.Waiting(), 1);
+  d.Signal(SIGKILL);
+  ASSERT_EQ(d.Wait(std::chrono::seconds(10)), 128 + SIGKILL);
+  for (auto& w : writers) w->Stop();
+  std::string after = ReadFileOrDie(src);
+  for (auto& w : writers) EXPECT_TRUE(w->Check(after));
+  slow.SetRules("");
+  RunCommand({"fusermount3", "-uz", d.mnt()});
+  ASSERT_TRUE(d.Start(args));
+  json rec = RecordAt(d.mnt(), "buffered");
+  ASSERT_TRUE(rec.is_object());
+  EXPECT_EQ(rec.value("result", ""), "failed") << rec.dump();
+  EXPECT_EQ(Checksum(ReadFileOrDie(d.mnt() + "/drive0")), Checksum(after));
+  ::testing::Test::RecordProperty("writer_ops", std::to_string(ops()));
+}
+
 // SPEC 1: --state-dir keeps job records across restarts. A job that was
 // running when the daemon was killed must come back as failed (its target is
 // not a backup), and a job cancelled at a clean stop as cancelled.
@@ -462,7 +521,16 @@ TEST(CrashSafety, StateDirRecordsSurviveRestart) {
                      &reply);
   };
   ASSERT_EQ(start("killed"), 0);
-  ASSERT_TRUE(WaitFor([&] { return RecordAt(d.mnt(), "killed").value("offset", 0) > 0; }));
+  // The running job's record is saved with its progress every few seconds
+  // (issue 12: after kill -9 it showed offset 0).
+  uint64_t saved = 0;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        json r = json::parse(ReadFile(dir / "state/killed.json"), nullptr, false);
+        saved = r.is_object() ? r.value("offset", uint64_t{0}) : 0;
+        return saved > 0;
+      },
+      std::chrono::seconds(20)));
   d.Signal(SIGKILL);
   ASSERT_EQ(d.Wait(std::chrono::seconds(10)), 128 + SIGKILL);
   RunCommand({"fusermount3", "-uz", d.mnt()});
@@ -471,6 +539,7 @@ TEST(CrashSafety, StateDirRecordsSurviveRestart) {
   ASSERT_TRUE(rec.is_object()) << "the record of a job killed mid-run is gone after restart";
   EXPECT_EQ(rec.value("result", ""), "failed") << rec.dump();
   EXPECT_NE(rec.value("error", "").find("daemon stopped"), std::string::npos) << rec.dump();
+  EXPECT_GE(rec.value("offset", uint64_t{0}), saved) << rec.dump();
 
   ASSERT_EQ(start("stopped"), 0);
   d.Signal(SIGTERM);

@@ -8,10 +8,12 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 
 #include "tests/fs/mount_fixture.h"
+#include "tests/lib/faultfs_mount.h"
 
 namespace cbw::test {
 namespace {
@@ -127,42 +129,19 @@ TEST(StateDir, UnusableStateDirFailsTheStart) {
 class HungTarget : public ::testing::Test {
  protected:
   void SetUp() override {
-    mkdir((dir_ / "backing").c_str(), 0755);
-    mkdir((dir_ / "fmnt").c_str(), 0755);
-    struct stat base {};
-    stat(dir_.path().c_str(), &base);
-    pid_ = fork();
-    if (pid_ == 0) {
-      execl(FAULTFS_PATH, "faultfs", (dir_ / "backing").c_str(), (dir_ / "fmnt").c_str(), nullptr);
-      _exit(127);
-    }
-    if (!WaitFor([&] {
-          struct stat st {};
-          return stat((dir_ / "fmnt").c_str(), &st) == 0 && st.st_dev != base.st_dev;
-        })) {
-      GTEST_SKIP() << "faultfs could not mount";
-    }
+    faults_ = std::make_unique<FaultFs>(FAULTFS_PATH, dir_ / "backing", dir_ / "fmnt");
+    if (!faults_->mounted()) GTEST_SKIP() << "faultfs could not mount";
     image_ = RandomBytes(32 << 20, 9);
     WriteFileOrDie(dir_ / "src.img", image_);
-    WriteFileOrDie(dir_ / "fmnt/.faults", "tgt.img write hang 8388608 33554432\n");
+    faults_->SetRules("tgt.img write hang 8388608 33554432\n");
     ASSERT_TRUE(
         m_.Start({"--drive", "drive0=" + (dir_ / "src.img"), "--state-dir", dir_ / "state"}));
     ASSERT_EQ(m_.Control(Backup("j", dir_ / "fmnt/tgt.img", 0)), 0);
     ASSERT_TRUE(WaitFor([&] { return Record(m_, "j").value("offset", 0) >= (8 << 20); }));
   }
-  void TearDown() override {
-    if (pid_ > 0) {
-      RunCommand({"fusermount3", "-uz", dir_ / "fmnt"});
-      kill(pid_, SIGTERM);
-      if (!WaitFor([&] { return waitpid(pid_, nullptr, WNOHANG) == pid_; },
-                   std::chrono::seconds(5))) {
-        kill(pid_, SIGKILL);
-        waitpid(pid_, nullptr, 0);
-      }
-    }
-  }
+  void TearDown() override { faults_.reset(); }
   TempDir dir_;
-  pid_t pid_ = -1;
+  std::unique_ptr<FaultFs> faults_;
   std::string image_;
   CbwfsMount m_;
 };

@@ -2,8 +2,10 @@
 
 // A faultfs mount (tests/tools/faultfs.cc) for a test's lifetime: a
 // passthrough FUSE filesystem over `backing` whose I/O can be made to fail,
-// slow down or hang by writing rules to MOUNTPOINT/.faults.
+// slow down or hang by writing rules to MOUNTPOINT/.faults. Shared by the
+// engine's fault tests and the end-to-end tests.
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -13,7 +15,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "tests/fs/mount_fixture.h"
+#include "tests/lib/test_support.h"
 
 namespace cbw::test {
 
@@ -28,6 +30,8 @@ class FaultFs {
     stat(backing.c_str(), &base);
     pid_ = fork();
     if (pid_ == 0) {
+      int null = open("/dev/null", O_RDWR);
+      if (null >= 0) dup2(null, 1);
       execl(binary.c_str(), "faultfs", backing.c_str(), mnt.c_str(), nullptr);
       _exit(127);
     }
@@ -53,7 +57,13 @@ class FaultFs {
   const std::string& mnt() const { return mnt_; }
   std::string operator/(const std::string& name) const { return mnt_ + "/" + name; }
   // Replaces all rules (and releases requests held by a `hang` rule).
-  void SetRules(const std::string& rules) { WriteFileOrDie(mnt_ + "/.faults", rules); }
+  void SetRules(const std::string& rules) {
+    WriteFileOrDie(mnt_ + "/.faults", rules.empty() ? std::string("\n") : rules);
+  }
+  // Waits until a slow or hang rule holds at least n requests.
+  bool WaitHeld(int n = 1) {
+    return WaitFor([&] { return Waiting() >= n; }, std::chrono::seconds(10));
+  }
   // Requests a slow or hang rule holds right now.
   int Waiting() {
     std::string st = ReadFileOrDie(mnt_ + "/.status");
