@@ -185,6 +185,10 @@ class RssSampler:
         self._t.join()
 
 
+class FioError(RuntimeError):
+    pass
+
+
 def fio(path, name, rw, bs, runtime, jobs=1, engine="psync", iodepth=1, size=None,
         direct=False, fsync=0, invalidate=False):
     """One fio job; returns iops, MiB/s and p99 completion latency (us) of the writes
@@ -198,7 +202,13 @@ def fio(path, name, rw, bs, runtime, jobs=1, engine="psync", iodepth=1, size=Non
         cmd.append("--size=%d" % size)
     if fsync:
         cmd.append("--fsync=%d" % fsync)
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        text = res.stderr + res.stdout
+        m = re.search(r"io_u error on file [^:]*: ([^:]+): (read|write) offset", text)
+        raise FioError(f"fio {rw} fails: {m.group(1)}" if m else
+                       f"fio {rw} fails: {text.strip()[-200:]}")
+    out = res.stdout
     j = json.loads(out[out.index("{"):])["jobs"][0]
     side = j["write"] if "write" in rw else j["read"]
     p99 = side.get("clat_ns", {}).get("percentile", {}).get("99.000000", 0) / 1000.0
@@ -504,6 +514,10 @@ class Ctx:
         log("note: " + msg)
         self.notes.append(msg)
 
+    def note_once(self, msg):
+        if msg not in self.notes:
+            self.note(msg)
+
     def make(self, name, image=None):
         image = image or self.image
         if name == "native":
@@ -559,7 +573,7 @@ def run_phase(ctx, phase, systems, body):
             t0 = time.monotonic()
             vals = body(s, rep)
             log(f"[{phase}]   {s}: " + ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}"
                 for k, v in vals.items()) + f"  ({time.monotonic() - t0:.0f} s)")
             for k, v in vals.items():
                 runs[s].setdefault(k, []).append(v)
@@ -649,9 +663,14 @@ def phase_during(ctx):
 def phase_direct(ctx):
     def direct(s, out, when):
         for rw in ("randread", "randwrite"):
-            r = fio(s.drive, "direct", rw, "4k", runtime=ctx.args.runtime, size=ctx.size,
-                    engine="libaio", iodepth=16, direct=True)
-            out[f"direct_{rw}_4k_qd16_{when}_iops"] = r["iops"]
+            key = f"direct_{rw}_4k_qd16_{when}_iops"
+            try:
+                r = fio(s.drive, "direct", rw, "4k", runtime=ctx.args.runtime, size=ctx.size,
+                        engine="libaio", iodepth=16, direct=True)
+                out[key] = r["iops"]
+            except FioError as e:  # e.g. passthrough_hp's O_DIRECT writes: EINVAL
+                out[key] = None
+                ctx.note_once(f"direct: {s.name}: O_DIRECT {e}")
 
     def body(name, rep):
         out = {}
