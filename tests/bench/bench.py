@@ -312,6 +312,7 @@ class QmpBackupMixin:
 
     def wait_backup(self):
         e = self.qmp.wait_event("BLOCK_JOB_COMPLETED")
+        self.last_completed = e["data"]  # len: what the job copied (incremental: the dirty)
         if e["data"].get("error"):
             raise JobFailed(f"{self.name} backup: {e['data']['error']}")
 
@@ -809,10 +810,12 @@ def phase_incremental(ctx):
             drop_caches()
             out["incremental_raw_inplace_s"] = s.backup(
                 full, sync="incremental", bitmap="braw", mode="existing", fmt="raw")
+            out["incremental_raw_len_mib"] = s.last_completed.get("len", 0) / MiB
             sh(["qemu-img", "create", "-q", "-f", "qcow2", "-b", full, "-F", "raw", overlay])
             drop_caches()
             out["incremental_qcow2_overlay_s"] = s.backup(
                 overlay, sync="incremental", bitmap="bqcow2", mode="existing", fmt="qcow2")
+            out["incremental_qcow2_len_mib"] = s.last_completed.get("len", 0) / MiB
         for p in (full, overlay):
             rm_f(p)
         return out
