@@ -104,15 +104,7 @@ class Reaper:
             self.items = [(k, f) for k, f in self.items if k is not key]
 
     def proc(self, p):
-        def stop():
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        return self.add(p, stop)
+        return self.add(p, lambda: kill_group(p, 10))
 
     def fuse_mount(self, path):
         key = object()
@@ -137,20 +129,64 @@ REAPER = Reaper()
 
 def popen(cmd, **kw):
     kw.setdefault("stdout", subprocess.DEVNULL)
+    # Own session: a terminal's Ctrl-C reaches the bench alone, which then stops the
+    # daemons in order (unmounting first) rather than all of them at once.
+    kw.setdefault("start_new_session", True)
     p = subprocess.Popen(cmd, **kw)
     REAPER.proc(p)
     return p
 
 
-def stop_proc(p, timeout=20):
+def kill_group(p, timeout):
+    """SIGTERM to the process and its group (every popen() has its own: fio's job
+    processes and a shell's children go too), SIGKILL after the timeout."""
+    def signal_group(sig):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
     if p.poll() is None:
-        p.terminate()
+        signal_group(signal.SIGTERM)
         try:
             p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            p.kill()
+            signal_group(signal.SIGKILL)
             p.wait()
+    signal_group(signal.SIGKILL)  # leftovers of the group once its leader is gone
+
+
+def stop_proc(p, timeout=20):
+    kill_group(p, timeout)
     REAPER.done(p)
+
+
+def run_group(cmd):
+    """subprocess.run for a tool that forks workers (fio): on any exception, Ctrl-C
+    included, the whole process group dies, so nothing keeps a mount busy."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate()
+    except BaseException:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def fuse_unmount(mnt, proc, timeout=30):
+    """fusermount3 -u, retried while something still holds the mount; then lazily."""
+    deadline = time.monotonic() + timeout
+    while is_mount(mnt):
+        if subprocess.run(["fusermount3", "-u", mnt], stderr=subprocess.DEVNULL).returncode == 0:
+            break
+        if time.monotonic() > deadline or (proc and proc.poll() is not None):
+            subprocess.run(["fusermount3", "-uz", mnt], stderr=subprocess.DEVNULL)
+            break
+        time.sleep(0.1)
 
 
 def rss_kib(pid):
@@ -202,7 +238,7 @@ def fio(path, name, rw, bs, runtime, jobs=1, engine="psync", iodepth=1, size=Non
         cmd.append("--size=%d" % size)
     if fsync:
         cmd.append("--fsync=%d" % fsync)
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = run_group(cmd)
     if res.returncode != 0:
         text = res.stderr + res.stdout
         m = re.search(r"io_u error on file [^:]*: ([^:]+): (read|write) offset", text)
@@ -449,11 +485,11 @@ class Cbwfs(QmpBackupMixin):
 
     def __exit__(self, *a):
         self.qmp.close()
-        subprocess.run(["fusermount3", "-u", self.mnt], stderr=subprocess.DEVNULL)
+        fuse_unmount(self.mnt, self.proc)
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            subprocess.run(["fusermount3", "-uz", self.mnt], stderr=subprocess.DEVNULL)
+            pass
         stop_proc(self.proc)
         REAPER.done(self.mkey)
 
@@ -487,11 +523,11 @@ class PassthroughHp:
         return self
 
     def __exit__(self, *a):
-        subprocess.run(["fusermount3", "-u", self.mnt], stderr=subprocess.DEVNULL)
+        fuse_unmount(self.mnt, self.proc)
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            subprocess.run(["fusermount3", "-uz", self.mnt], stderr=subprocess.DEVNULL)
+            pass
         stop_proc(self.proc)
         REAPER.done(self.mkey)
 
@@ -907,13 +943,18 @@ def phase_rbd(ctx):
                 img = f"{pool}/bench"
                 rbd("rm", img, capture_output=True)
                 rbd("create", "--size", f"{ctx.args.size_mib}M", img, check=True)
+                t0 = time.monotonic()  # wall clock, as for cbwfs's job (rbd bench's own
                 r = rbd("bench", "--io-type", "write", "--io-size", "4M", "--io-pattern", "seq",
                         "--io-total", f"{ctx.args.size_mib}M", img, check=True,
-                        capture_output=True, text=True)
+                        capture_output=True, text=True)  # "elapsed" is whole seconds)
+                t = time.monotonic() - t0
                 rbd("rm", img, capture_output=True)
-                m = re.search(r"elapsed:\s*([\d.]+)", r.stdout)
-                t = float(m.group(1))
-                return {"rbd_s": t, "rbd_mibs": ctx.args.size_mib / t}
+                out = {"rbd_s": t, "rbd_mibs": ctx.args.size_mib / t}
+                m = re.search(r"bytes/sec:\s*([\d.]+)\s*([KMG]?)i?B", r.stdout)
+                if m:
+                    scale = {"": 1.0 / MiB, "K": 1.0 / 1024, "M": 1.0, "G": 1024.0}[m.group(2)]
+                    out["rbd_bench_reported_mibs"] = float(m.group(1)) * scale
+                return out
             if refused:
                 return {}
             img = f"{pool}/cbwfs-bench"
