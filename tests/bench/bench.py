@@ -924,6 +924,15 @@ def phase_rbd(ctx):
     else:
         ctx.note("rbd: no ceph-single.sh nor tests/lib/ceph.sh; phase skipped")
         return None
+    # ceph-single.sh's monitor listens on 127.0.0.1:3300: with another cluster there
+    # (a test suite's), our commands would talk to it. Leave it alone.
+    probe = socket.socket()
+    probe.settimeout(1)
+    busy = probe.connect_ex(("127.0.0.1", 3300)) == 0
+    probe.close()
+    if busy:
+        ctx.note("rbd: 127.0.0.1:3300 is taken (another Ceph cluster runs); phase skipped")
+        return None
     key = REAPER.add(object(), lambda: subprocess.run(stop, stdout=subprocess.DEVNULL))
     try:
         res = subprocess.run(start, capture_output=True, text=True)
