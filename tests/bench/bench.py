@@ -319,6 +319,55 @@ class Qmp:
             pass
 
 
+class ControlQmp:
+    """The Qmp interface over MOUNTPOINT/control, for a cbwfs without --qmp (an older
+    build measured for "before" figures). Completion is read from jobs/<id>."""
+
+    def __init__(self, mnt):
+        self.mnt, self.events = mnt, []
+
+    def cmd(self, execute, **args):
+        msg = {"execute": execute}
+        if args:
+            msg["arguments"] = args
+        fd = os.open(os.path.join(self.mnt, "control"), os.O_RDWR)
+        try:
+            try:
+                os.write(fd, json.dumps(msg).encode())
+            except OSError:
+                pass  # the reply, read below, says why
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                reply += chunk
+        finally:
+            os.close(fd)
+        msg = json.loads(reply.decode().splitlines()[0])
+        if "error" in msg:
+            raise QmpError(execute, msg["error"])
+        return msg["return"]
+
+    def wait_event(self, name, timeout=900):
+        assert name == "BLOCK_JOB_COMPLETED"
+        path = os.path.join(self.mnt, "jobs", "job0")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with open(path) as f:
+                rec = json.load(f)
+            if "result" in rec:
+                data = {"len": rec.get("len", 0), "offset": rec.get("offset", 0)}
+                if rec["result"] != "success":
+                    data["error"] = rec.get("error", rec["result"])
+                return {"event": name, "data": data}
+            time.sleep(0.005)
+        raise TimeoutError(name)
+
+    def close(self):
+        pass
+
+
 class QmpError(RuntimeError):
     def __init__(self, execute, err):
         super().__init__(f"{execute}: {err.get('desc', err)}")
@@ -467,8 +516,10 @@ class Cbwfs(QmpBackupMixin):
         os.makedirs(self.mnt, exist_ok=True)
         if os.path.exists(self.sock):
             os.unlink(self.sock)
-        cmd = [self.ctx.args.binary, "-f", "--log-level", "warn", "--qmp", self.sock,
+        cmd = [self.ctx.args.binary, "-f", "--log-level", "warn",
                "--drive", f"drive0={self.image}"] + self.extra
+        if self.ctx.cbwfs_qmp:
+            cmd += ["--qmp", self.sock]
         if self.state_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
             os.makedirs(self.state_dir)
@@ -480,7 +531,7 @@ class Cbwfs(QmpBackupMixin):
                    os.path.exists(os.path.join(self.mnt, "control")), 20, "cbwfs's mount")
         if self.proc.poll() is not None:
             raise RuntimeError(f"cbwfs exited at start: {self.proc.returncode}")
-        self.qmp = Qmp(self.sock, self.proc)
+        self.qmp = Qmp(self.sock, self.proc) if self.ctx.cbwfs_qmp else ControlQmp(self.mnt)
         return self
 
     def __exit__(self, *a):
@@ -543,6 +594,7 @@ class Ctx:
         self.notes = []
         self.passthrough_hp = None
         self.wb_supported = False
+        self.cbwfs_qmp = True
         self.src = os.path.join(work, "src")  # only images: passthrough_hp's source tree
         os.makedirs(self.src)
         self.image = os.path.join(self.src, "image.img")
@@ -1043,9 +1095,9 @@ def build_passthrough_hp(ctx):
         return None
 
 
-def cbwfs_offers_writeback(binary):
+def cbwfs_help(binary):
     r = subprocess.run([binary, "--help"], capture_output=True, text=True)
-    return "writeback_cache" in (r.stdout + r.stderr)
+    return r.stdout + r.stderr
 
 
 def report(ctx, phases):
@@ -1136,7 +1188,11 @@ def main():
     try:
         if any(p in phases for p in ("fio", "direct", "writeback")) and "pt" in args.systems:
             ctx.passthrough_hp = build_passthrough_hp(ctx)
-        ctx.wb_supported = cbwfs_offers_writeback(args.binary)
+        help_text = cbwfs_help(args.binary)
+        ctx.wb_supported = "writeback_cache" in help_text
+        ctx.cbwfs_qmp = "--qmp" in help_text
+        if not ctx.cbwfs_qmp:
+            ctx.note("cbwfs has no --qmp: commands go through its control file")
         if not ctx.wb_supported:
             ctx.note("cbwfs --help does not mention writeback_cache: cbwfs-wb rows skipped")
         log(f"writing a {args.size_mib} MiB random image")
