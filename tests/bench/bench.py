@@ -34,6 +34,7 @@ Usage (as root): tests/bench/run.sh [--size-mib N] [--runtime S] [--reps N]
 Never part of CI's pass/fail: absolute figures depend on the machine.
 """
 import argparse
+import shlex
 import atexit
 import json
 import os
@@ -517,7 +518,8 @@ class Cbwfs(QmpBackupMixin):
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         cmd = [self.ctx.args.binary, "-f", "--log-level", "warn",
-               "--drive", f"drive0={self.image}"] + self.extra
+               "--drive", f"drive0={self.image}"] + self.extra + \
+            shlex.split(self.ctx.args.cbwfs_args)
         if self.ctx.cbwfs_qmp:
             cmd += ["--qmp", self.sock]
         if self.state_dir:
@@ -1161,6 +1163,8 @@ def main():
     ap.add_argument("--ceph-script", default="/work/shared/tools/ceph-single.sh")
     ap.add_argument("--rbd-pool", default="rbd")
     ap.add_argument("--out", default="bench-results.json")
+    ap.add_argument("--cbwfs-args", default="",
+                    help="extra cbwfs options for every cbwfs system, e.g. '--cbw-buffer 0'")
     ap.add_argument("--workdir", default="/var/tmp")
     ap.add_argument("--stop-on-error", action="store_true",
                     help="stop at a failing phase (default: note it, run the next one)")
