@@ -9,11 +9,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "tests/fs/shell_helpers.h"
+#include "tests/lib/nbd_server.h"
 #include "tests/lib/pit_oracle.h"
 
 namespace cbw::test {
@@ -189,6 +191,85 @@ TEST_F(BitmapE2E, FullPlusFiveIncrementalsUnderWritersEqualEachPointInTime) {
   RecordProperty("incremental_bytes", std::to_string(copied));
 }
 
+// The same oracle for the restore path of SPEC 7 with standard tools: a raw
+// full backup, then five incrementals each into a qcow2 overlay whose backing
+// file is the previous backup (probed, mode existing). After each job the
+// chain converted by qemu-img equals the drive at that job's point in time,
+// and every overlay passes qemu-img check. The writers punch and zero too, so
+// zero ranges that were not written into an overlay would let stale backing
+// data show through.
+TEST_F(BitmapE2E, Qcow2ChainOfFiveIncrementalsUnderWritersRestoresEachPointInTime) {
+  constexpr uint64_t kSize = 32 * kMiB;
+  Start(kSize);
+  std::vector<std::unique_ptr<Writer>> writers;
+  for (int i = 0; i < 2; ++i) {
+    writers.push_back(std::make_unique<Writer>(m_ / "drive0", kSize / 2 * i, kSize / 2, 700 + i));
+    writers.back()->Start();
+  }
+  ASSERT_TRUE(WaitFor([&] {
+    for (auto& w : writers) {
+      if (w->ops().size() < 2) return false;
+    }
+    return true;
+  })) << "writers under way";
+  json full = {{"type", "drive-backup"},
+               {"data", {{"device", "drive0"}, {"target", dir_ / "full.img"}, {"sync", "full"}}}};
+  json add = {{"type", "block-dirty-bitmap-add"},
+              {"data", {{"node", "drive0"}, {"name", "b0"}, {"persistent", true}}}};
+  auto issued = Clock::now();
+  ASSERT_EQ(m_.Control(Cmd("transaction", {{"actions", {add, full}}})), 0)
+      << ReadFileOrDie(m_ / "control");
+  auto returned = Clock::now();
+  WaitSuccess();
+  {
+    std::string copy = ReadFileOrDie(dir_ / "full.img");
+    ASSERT_EQ(copy.size(), kSize);
+    for (auto& w : writers) {
+      EXPECT_TRUE(SliceMatchesPointInTime(image_, copy, *w, issued, returned)) << "full";
+    }
+  }
+  std::string prev = "full.img", prev_format = "raw";
+  uint64_t copied = 0;
+  for (int k = 1; k <= 5; ++k) {
+    const std::string inc = "inc" + std::to_string(k) + ".qcow2";
+    // A relative backing name, as a user moving the chain around would
+    // write it (qemu-img resolves it next to the overlay).
+    CommandResult c = RunCommand(
+        {"qemu-img", "create", "-q", "-f", "qcow2", "-b", prev, "-F", prev_format, dir_ / inc});
+    ASSERT_EQ(c.exit_code, 0) << c.err;
+    issued = Clock::now();
+    ASSERT_EQ(m_.Control(Backup(dir_ / inc, "incremental", "b0")), 0)
+        << ReadFileOrDie(m_ / "control");
+    returned = Clock::now();
+    WaitSuccess();
+    copied += Record(m_, "drive0")["len"].get<uint64_t>();
+    c = RunCommand({"qemu-img", "check", "-q", dir_ / inc});
+    EXPECT_EQ(c.exit_code, 0) << inc << ": " << c.out << c.err;
+    const std::string restored = dir_ / ("restored" + std::to_string(k) + ".img");
+    c = RunCommand({"qemu-img", "convert", "-O", "raw", dir_ / inc, restored});
+    ASSERT_EQ(c.exit_code, 0) << c.err;
+    std::string copy = ReadFileOrDie(restored);
+    ASSERT_EQ(copy.size(), kSize);
+    for (auto& w : writers) {
+      EXPECT_TRUE(SliceMatchesPointInTime(image_, copy, *w, issued, returned)) << inc;
+    }
+    unlink(restored.c_str());
+    prev = inc;
+    prev_format = "qcow2";
+  }
+  for (auto& w : writers) w->Stop();
+  for (auto& w : writers) EXPECT_EQ(w->errors(), 0);
+  // The chain is what qemu-img expects of one: five deep, ending at full.img.
+  CommandResult info =
+      RunCommand({"qemu-img", "info", "--backing-chain", "--output=json", dir_ / "inc5.qcow2"});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  json chain = json::parse(info.out, nullptr, false);
+  ASSERT_TRUE(chain.is_array()) << info.out;
+  ASSERT_EQ(chain.size(), 6u) << info.out;
+  EXPECT_EQ(chain.back()["format"], "raw");
+  RecordProperty("incremental_bytes", std::to_string(copied));
+}
+
 // Persistent bitmaps across clean restarts: each incremental after a
 // restart is exact.
 TEST_F(BitmapE2E, AcrossCleanRestarts) {
@@ -279,6 +360,158 @@ TEST_F(BitmapE2E, AcrossKillNineAtRandomMoments) {
   RecordProperty("needed_bytes", std::to_string(needed));
   RecordProperty("extra_bytes", std::to_string(extra));
 }
+
+// ------------------------------------------------ failure, cancel, retry
+
+// SPEC 7's bitmap-mode table for an incremental that fails and one that is
+// cancelled, then a retry. The target is an nbdkit memory export (holding
+// the full backup: the raw in-place refresh over NBD) behind the error
+// filter, whose error file the test creates mid-job so every later request
+// fails with EIO. Clusters written before the jobs (A) are what they copy;
+// clusters written while a job runs (B during the failing one, C during the
+// cancelled one) must be kept by every mode. query-block's count is checked
+// after each step, and the retry must make the export exactly the drive.
+class BitmapModeE2E : public BitmapE2E, public ::testing::WithParamInterface<std::string> {
+ protected:
+  static constexpr uint64_t kSize = 16 * kMiB;
+  static constexpr uint64_t kCluster = 65536;
+
+  // Writes random data over whole clusters `cs` of drive0, in the model too.
+  void WriteClusters(const std::vector<uint64_t>& cs, uint64_t seed) {
+    int fd = open((m_ / "drive0").c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0);
+    for (uint64_t c : cs) {
+      std::string d = RandomBytes(kCluster, seed++);
+      ASSERT_EQ(pwrite(fd, d.data(), d.size(), static_cast<off_t>(c * kCluster)),
+                static_cast<ssize_t>(d.size()));
+      drive_.replace(c * kCluster, kCluster, d);
+    }
+    ASSERT_EQ(close(fd), 0);
+  }
+  uint64_t Count() { return BitmapInfo(m_, "b0")["count"].get<uint64_t>(); }
+  // The incremental of this mode: sync incremental (bitmap-mode on-success
+  // by default) or sync bitmap with the mode given.
+  std::string Incremental(uint64_t speed) {
+    json a = {
+        {"device", "drive0"}, {"target", server_->uri()}, {"mode", "existing"}, {"bitmap", "b0"}};
+    if (GetParam() == "on-success") {
+      a["sync"] = "incremental";
+    } else {
+      a["sync"] = "bitmap";
+      a["bitmap-mode"] = GetParam();
+    }
+    if (speed > 0) a["speed"] = speed;
+    return Cmd("drive-backup", a);
+  }
+  // Starts a rate-limited incremental and waits until it has copied
+  // something; returns the offset seen then (bytes already copied).
+  uint64_t StartSlowIncremental() {
+    EXPECT_EQ(m_.Control(Incremental(kMiB)), 0) << ReadFileOrDie(m_ / "control");
+    uint64_t at = 0;
+    EXPECT_TRUE(WaitFor([&] {
+      at = Record(m_, "drive0").value("offset", uint64_t{0});
+      return at > 0;
+    })) << m_.JobRecord("drive0");
+    EXPECT_FALSE(Record(m_, "drive0").contains("result")) << "still running";
+    EXPECT_TRUE(BitmapInfo(m_, "b0")["busy"].get<bool>());
+    return at;
+  }
+  // The count a mode leaves after a failed or cancelled job: on-success and
+  // never keep every bit plus the new writes; always keeps only what the job
+  // had not copied (at most `before - copied`) plus the new writes.
+  void ExpectCountAfterUnsuccessful(uint64_t before, uint64_t copied, uint64_t added,
+                                    const std::string& step) {
+    const uint64_t count = Count();
+    RecordProperty(step.substr(step.find(' ') + 1),
+                   std::to_string(before) + " -> " + std::to_string(count) + " (copied " +
+                       std::to_string(copied) + ", added " + std::to_string(added) + ")");
+    if (GetParam() == "always") {
+      EXPECT_LE(count, before - copied + added) << step;
+      EXPECT_GE(count, added) << step;
+    } else {
+      EXPECT_EQ(count, before + added) << step;
+    }
+    EXPECT_FALSE(BitmapInfo(m_, "b0")["busy"].get<bool>()) << step;
+  }
+
+  std::unique_ptr<NbdServer> server_;
+  std::string drive_;  // what drive0 holds
+};
+
+TEST_P(BitmapModeE2E, FailureThenCancelThenRetryLeaveTheBitmapAsTheModeSays) {
+  Start(kSize);
+  drive_ = image_;
+  const std::string error_file = dir_ / "inject";
+  server_ =
+      NbdServer::Nbdkit(dir_.path(), {"--filter=error", "memory", std::to_string(kSize),
+                                      "error=EIO", "error-rate=1", "error-file=" + error_file});
+  ASSERT_TRUE(server_);
+  // The full backup and the bitmap at one point in time.
+  json full = {
+      {"type", "drive-backup"},
+      {"data",
+       {{"device", "drive0"}, {"target", server_->uri()}, {"mode", "existing"}, {"sync", "full"}}}};
+  json add = {{"type", "block-dirty-bitmap-add"}, {"data", {{"node", "drive0"}, {"name", "b0"}}}};
+  ASSERT_EQ(m_.Control(Cmd("transaction", {{"actions", {add, full}}})), 0)
+      << ReadFileOrDie(m_ / "control");
+  WaitSuccess();
+  ASSERT_TRUE(server_->ReadAll(dir_.path()) == drive_) << "the full backup";
+  // A: 48 clusters in the first half; B and C: 8 each in the third and
+  // fourth quarters, written while a job runs.
+  std::mt19937_64 rng(GetParam().size());
+  auto pick = [&](uint64_t lo, uint64_t hi, size_t n) {
+    std::vector<uint64_t> all;
+    for (uint64_t c = lo; c < hi; ++c) all.push_back(c);
+    std::shuffle(all.begin(), all.end(), rng);
+    all.resize(n);
+    return all;
+  };
+  const std::vector<uint64_t> a = pick(0, 128, 48), b = pick(128, 192, 8), c = pick(192, 256, 8);
+  WriteClusters(a, 1000);
+  ASSERT_EQ(Count(), a.size() * kCluster);
+
+  // 1. The target fails mid-job.
+  uint64_t before = Count();
+  uint64_t copied = StartSlowIncremental();
+  WriteClusters(b, 2000);
+  WriteFileOrDie(error_file, "");
+  ASSERT_TRUE(WaitResult(m_, "drive0")) << m_.JobRecord("drive0");
+  json rec = Record(m_, "drive0");
+  ASSERT_EQ(rec.value("result", ""), "failed") << rec.dump();
+  unlink(error_file.c_str());
+  ExpectCountAfterUnsuccessful(before, copied, b.size() * kCluster, "after the failure");
+
+  // 2. Cancelled mid-job.
+  before = Count();
+  copied = StartSlowIncremental();
+  WriteClusters(c, 3000);
+  ASSERT_EQ(m_.Control(Cmd("job-cancel", {{"id", "drive0"}})), 0);
+  ASSERT_TRUE(WaitResult(m_, "drive0")) << m_.JobRecord("drive0");
+  rec = Record(m_, "drive0");
+  ASSERT_EQ(rec.value("result", ""), "cancelled") << rec.dump();
+  ExpectCountAfterUnsuccessful(before, copied, c.size() * kCluster, "after the cancel");
+
+  // 3. The retry: the export becomes exactly the drive (so no bit the
+  // failed and cancelled jobs did not really copy was lost).
+  before = Count();
+  ASSERT_EQ(m_.Control(Incremental(0)), 0) << ReadFileOrDie(m_ / "control");
+  WaitSuccess();
+  EXPECT_EQ(Record(m_, "drive0")["len"].get<uint64_t>(), before);
+  EXPECT_EQ(Count(), GetParam() == "never" ? before : 0u) << "after the retry";
+  EXPECT_TRUE(server_->ReadAll(dir_.path()) == drive_) << "the retry refreshes the export";
+  // never: the bitmap still covers everything since the full backup, so
+  // the same incremental again is still exact.
+  if (GetParam() == "never") {
+    EXPECT_EQ(Count(), (a.size() + b.size() + c.size()) * kCluster);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, BitmapModeE2E, ::testing::Values("on-success", "always", "never"),
+                         [](const ::testing::TestParamInfo<std::string>& i) {
+                           std::string n = i.param;
+                           n.erase(std::remove(n.begin(), n.end(), '-'), n.end());
+                           return n;
+                         });
 
 }  // namespace
 }  // namespace cbw::test
