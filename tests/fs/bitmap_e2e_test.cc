@@ -3,12 +3,15 @@
 // refreshing the previous full copy to the drive at its point in time;
 // persistent bitmaps across clean restarts and across kill -9.
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <random>
 #include <string>
@@ -512,6 +515,156 @@ INSTANTIATE_TEST_SUITE_P(Modes, BitmapModeE2E, ::testing::Values("on-success", "
                            n.erase(std::remove(n.begin(), n.end(), '-'), n.end());
                            return n;
                          });
+
+// ----------------------------------------- a qcow2 chain through faults
+
+// The pids of `parent`'s live children whose command line holds `needle`
+// (cbwfs forks its qemu-nbd itself, so the test kills only that one).
+std::vector<pid_t> ChildrenWith(pid_t parent, const std::string& needle) {
+  auto slurp = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  };
+  std::vector<pid_t> out;
+  DIR* d = opendir("/proc");
+  if (d == nullptr) return out;
+  while (dirent* e = readdir(d)) {
+    char* end = nullptr;
+    long pid = std::strtol(e->d_name, &end, 10);
+    if (pid <= 0 || *end != '\0') continue;
+    const std::string proc = std::string("/proc/") + e->d_name;
+    std::string st = slurp(proc + "/stat");
+    size_t paren = st.rfind(')');
+    if (paren == std::string::npos || paren + 4 >= st.size()) continue;
+    // After ") ": the state letter, then the parent's pid.
+    if (st[paren + 2] == 'Z' || std::strtol(st.c_str() + paren + 4, nullptr, 10) != parent) {
+      continue;
+    }
+    std::string cmd = slurp(proc + "/cmdline");
+    for (char& ch : cmd) {
+      if (ch == '\0') ch = ' ';
+    }
+    if (cmd.find(needle) != std::string::npos) out.push_back(static_cast<pid_t>(pid));
+  }
+  closedir(d);
+  return out;
+}
+
+// The chain stays exact through faults of an incremental into a qcow2
+// overlay (bitmap-mode on-success): the overlay's qemu-nbd dies mid-job (the
+// job fails; the user deletes the broken overlay and makes it again), then
+// the retry is cancelled mid-job, then retried once more into the same,
+// partly written overlay. Each time query-block's count shows every bit kept
+// plus the writes made meanwhile; the overlay that finally succeeds, and the
+// next one on it, restore to the drive at their points in time.
+TEST_F(BitmapE2E, Qcow2IncrementalFailedThenCancelledThenRetriedKeepsTheChainExact) {
+  constexpr uint64_t kSize = 16 * kMiB, kCluster = 65536;
+  Start(kSize);
+  std::string drive = image_;
+  auto write_clusters = [&](const std::vector<uint64_t>& cs, uint64_t seed) {
+    int fd = open((m_ / "drive0").c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0);
+    for (uint64_t c : cs) {
+      std::string d = RandomBytes(kCluster, seed++);
+      ASSERT_EQ(pwrite(fd, d.data(), d.size(), static_cast<off_t>(c * kCluster)),
+                static_cast<ssize_t>(d.size()));
+      drive.replace(c * kCluster, kCluster, d);
+    }
+    ASSERT_EQ(close(fd), 0);
+  };
+  auto count = [&] { return BitmapInfo(m_, "b0")["count"].get<uint64_t>(); };
+  auto overlay = [&](const std::string& name, const std::string& backing,
+                     const std::string& format) {
+    unlink((dir_ / name).c_str());
+    CommandResult c = RunCommand(
+        {"qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", format, dir_ / name});
+    EXPECT_EQ(c.exit_code, 0) << c.err;
+  };
+  auto incremental = [&](const std::string& name, uint64_t speed) {
+    json a = {{"device", "drive0"},
+              {"target", dir_ / name},
+              {"mode", "existing"},
+              {"sync", "incremental"},
+              {"bitmap", "b0"}};
+    if (speed > 0) a["speed"] = speed;
+    ASSERT_EQ(m_.Control(Cmd("drive-backup", a)), 0) << ReadFileOrDie(m_ / "control");
+  };
+  auto restores_to_drive = [&](const std::string& name) -> ::testing::AssertionResult {
+    CommandResult c = RunCommand({"qemu-img", "check", "-q", dir_ / name});
+    if (c.exit_code != 0) return ::testing::AssertionFailure() << "check: " << c.out << c.err;
+    const std::string out = dir_ / "restored.img";
+    c = RunCommand({"qemu-img", "convert", "-O", "raw", dir_ / name, out});
+    if (c.exit_code != 0) return ::testing::AssertionFailure() << "convert: " << c.err;
+    std::string got = ReadFileOrDie(out);
+    unlink(out.c_str());
+    return SameBytes(got, drive);
+  };
+  auto wait_copying = [&] {
+    ASSERT_TRUE(WaitFor([&] { return Record(m_, "drive0").value("offset", uint64_t{0}) > 0; }))
+        << m_.JobRecord("drive0");
+    ASSERT_FALSE(Record(m_, "drive0").contains("result")) << "still running";
+  };
+
+  json full = {{"type", "drive-backup"},
+               {"data", {{"device", "drive0"}, {"target", dir_ / "full.img"}, {"sync", "full"}}}};
+  json add = {{"type", "block-dirty-bitmap-add"}, {"data", {{"node", "drive0"}, {"name", "b0"}}}};
+  ASSERT_EQ(m_.Control(Cmd("transaction", {{"actions", {add, full}}})), 0)
+      << ReadFileOrDie(m_ / "control");
+  WaitSuccess();
+  std::vector<uint64_t> a, b, c;
+  for (uint64_t i = 0; i < 48; ++i) a.push_back(i * 2);       // even clusters of the first 6 MiB
+  for (uint64_t i = 0; i < 8; ++i) b.push_back(128 + i * 3);  // written during the failing job
+  for (uint64_t i = 0; i < 8; ++i) c.push_back(200 + i * 5);  // during the cancelled one
+  write_clusters(a, 100);
+  ASSERT_EQ(count(), a.size() * kCluster);
+
+  // 1. qemu-nbd dies under the job.
+  overlay("inc1.qcow2", "full.img", "raw");
+  incremental("inc1.qcow2", kMiB);
+  wait_copying();
+  write_clusters(b, 200);
+  std::vector<pid_t> qemu = ChildrenWith(m_.pid(), "inc1.qcow2");
+  ASSERT_EQ(qemu.size(), 1u) << "cbwfs's qemu-nbd for the overlay";
+  ASSERT_EQ(kill(qemu[0], SIGKILL), 0);
+  ASSERT_TRUE(WaitResult(m_, "drive0")) << m_.JobRecord("drive0");
+  ASSERT_EQ(Record(m_, "drive0").value("result", ""), "failed") << m_.JobRecord("drive0");
+  EXPECT_EQ(count(), (a.size() + b.size()) * kCluster) << "failure merges the frozen bits back";
+
+  // 2. A new overlay in its place; this time the job is cancelled.
+  overlay("inc1.qcow2", "full.img", "raw");
+  incremental("inc1.qcow2", kMiB);
+  wait_copying();
+  write_clusters(c, 300);
+  ASSERT_EQ(m_.Control(Cmd("job-cancel", {{"id", "drive0"}})), 0);
+  ASSERT_TRUE(WaitResult(m_, "drive0")) << m_.JobRecord("drive0");
+  ASSERT_EQ(Record(m_, "drive0").value("result", ""), "cancelled") << m_.JobRecord("drive0");
+  EXPECT_EQ(count(), (a.size() + b.size() + c.size()) * kCluster)
+      << "cancel merges the frozen bits back";
+
+  // 3. Retried into the same, partly written overlay: exact.
+  incremental("inc1.qcow2", 0);
+  WaitSuccess();
+  EXPECT_EQ(Record(m_, "drive0")["len"].get<uint64_t>(),
+            (a.size() + b.size() + c.size()) * kCluster);
+  EXPECT_EQ(count(), 0u);
+  EXPECT_TRUE(restores_to_drive("inc1.qcow2")) << "inc1 after the retry";
+
+  // 4. The chain goes on from there.
+  write_clusters({1, 3, 5, 130, 255}, 400);
+  {
+    int fd = open((m_ / "drive0").c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 10 * kCluster, 4 * kCluster), 0);
+    close(fd);
+    std::memset(drive.data() + 10 * kCluster, 0, 4 * kCluster);
+  }
+  overlay("inc2.qcow2", "inc1.qcow2", "qcow2");
+  incremental("inc2.qcow2", 0);
+  WaitSuccess();
+  EXPECT_EQ(Record(m_, "drive0")["len"].get<uint64_t>(), 9 * kCluster);
+  EXPECT_TRUE(restores_to_drive("inc2.qcow2")) << "inc2";
+}
 
 }  // namespace
 }  // namespace cbw::test
