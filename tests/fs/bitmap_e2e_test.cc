@@ -666,5 +666,87 @@ TEST_F(BitmapE2E, Qcow2IncrementalFailedThenCancelledThenRetriedKeepsTheChainExa
   EXPECT_TRUE(restores_to_drive("inc2.qcow2")) << "inc2";
 }
 
+// kill -9 in the middle of an incremental into a qcow2 overlay: cbwfs's
+// qemu-nbd dies with it, the job comes back failed ("daemon stopped"), and
+// the persistent bitmap comes back usable, a superset of the changes (the
+// frozen bits and the writes made during the job, within the journal's
+// regions): a retry into a fresh overlay restores exactly.
+TEST_F(BitmapE2E, KillNineDuringAQcow2IncrementalThenRetryIsExact) {
+  constexpr uint64_t kSize = 128 * kMiB, kCluster = 65536;  // two journal regions
+  MakeSparseFile(dir_ / "src.img", kSize);
+  Start(kSize, /*fresh=*/false);
+  std::string drive(kSize, '\0');
+  auto write_clusters = [&](uint64_t first, uint64_t n, uint64_t step, uint64_t seed) {
+    int fd = open((m_ / "drive0").c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0);
+    for (uint64_t i = 0; i < n; ++i) {
+      const uint64_t off = (first + i * step) * kCluster;
+      std::string d = RandomBytes(kCluster, seed + i);
+      ASSERT_EQ(pwrite(fd, d.data(), d.size(), static_cast<off_t>(off)),
+                static_cast<ssize_t>(d.size()));
+      drive.replace(off, kCluster, d);
+    }
+    ASSERT_EQ(close(fd), 0);
+  };
+  json full = {{"type", "drive-backup"},
+               {"data", {{"device", "drive0"}, {"target", dir_ / "full.img"}, {"sync", "full"}}}};
+  json add = {{"type", "block-dirty-bitmap-add"},
+              {"data", {{"node", "drive0"}, {"name", "b0"}, {"persistent", true}}}};
+  ASSERT_EQ(m_.Control(Cmd("transaction", {{"actions", {add, full}}})), 0)
+      << ReadFileOrDie(m_ / "control");
+  WaitSuccess();
+  write_clusters(0, 48, 2, 100);  // A: in the first 64 MiB region only
+  ASSERT_EQ(BitmapInfo(m_, "b0")["count"], 48 * kCluster);
+  ASSERT_EQ(RunCommand({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "full.img", "-F", "raw",
+                        dir_ / "inc1.qcow2"})
+                .exit_code,
+            0);
+  ASSERT_EQ(m_.Control(Cmd("drive-backup", {{"device", "drive0"},
+                                            {"target", dir_ / "inc1.qcow2"},
+                                            {"mode", "existing"},
+                                            {"sync", "incremental"},
+                                            {"bitmap", "b0"},
+                                            {"speed", kMiB}})),
+            0)
+      << ReadFileOrDie(m_ / "control");
+  ASSERT_TRUE(WaitFor([&] { return Record(m_, "drive0").value("offset", uint64_t{0}) > 0; }))
+      << m_.JobRecord("drive0");
+  write_clusters(200, 8, 3, 200);  // B: during the job, same region
+  ASSERT_FALSE(Record(m_, "drive0").contains("result")) << "still running";
+  const std::vector<pid_t> qemu = ChildrenWith(m_.pid(), "inc1.qcow2");
+  ASSERT_EQ(qemu.size(), 1u);
+  EXPECT_EQ(m_.Stop(SIGKILL), 128 + SIGKILL);
+  RunCommand({"fusermount3", "-uz", m_.mnt()});
+  EXPECT_TRUE(WaitFor([&] { return kill(qemu[0], 0) != 0; }, std::chrono::seconds(10)))
+      << "qemu-nbd died with cbwfs";
+
+  Start(kSize, /*fresh=*/false);
+  json rec = Record(m_, "drive0");
+  EXPECT_EQ(rec.value("result", ""), "failed") << rec.dump();
+  EXPECT_EQ(rec.value("error", ""), "daemon stopped") << rec.dump();
+  json b0 = BitmapInfo(m_, "b0");
+  ASSERT_FALSE(b0.is_null());
+  ASSERT_FALSE(b0.contains("inconsistent")) << b0.dump() << m_.log();
+  EXPECT_FALSE(b0["busy"].get<bool>());
+  EXPECT_GE(b0["count"].get<uint64_t>(), (48 + 8) * kCluster) << "a superset of the changes";
+  EXPECT_LE(b0["count"].get<uint64_t>(), 64 * kMiB) << "at most the one region written";
+  RecordProperty("count_after_kill", std::to_string(b0["count"].get<uint64_t>()));
+  // The overlay qemu-nbd was writing when killed is discarded for a new one.
+  unlink((dir_ / "inc1.qcow2").c_str());
+  ASSERT_EQ(RunCommand({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "full.img", "-F", "raw",
+                        dir_ / "inc1.qcow2"})
+                .exit_code,
+            0);
+  ASSERT_EQ(m_.Control(Backup(dir_ / "inc1.qcow2", "incremental", "b0")), 0)
+      << ReadFileOrDie(m_ / "control");
+  WaitSuccess();
+  CommandResult c = RunCommand({"qemu-img", "check", "-q", dir_ / "inc1.qcow2"});
+  EXPECT_EQ(c.exit_code, 0) << c.out << c.err;
+  c = RunCommand({"qemu-img", "convert", "-O", "raw", dir_ / "inc1.qcow2", dir_ / "restored.img"});
+  ASSERT_EQ(c.exit_code, 0) << c.err;
+  EXPECT_TRUE(SameBytes(ReadFileOrDie(dir_ / "restored.img"), drive));
+  EXPECT_EQ(BitmapInfo(m_, "b0")["count"], 0);
+}
+
 }  // namespace
 }  // namespace cbw::test
