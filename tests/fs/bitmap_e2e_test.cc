@@ -748,5 +748,150 @@ TEST_F(BitmapE2E, KillNineDuringAQcow2IncrementalThenRetryIsExact) {
   EXPECT_EQ(BitmapInfo(m_, "b0")["count"], 0);
 }
 
+// ------------------------------------------- the files the README documents
+
+uint64_t Le(const std::string& s, size_t at, int bytes) {
+  uint64_t v = 0;
+  for (int i = 0; i < bytes; ++i) {
+    v |= static_cast<uint64_t>(static_cast<unsigned char>(s.at(at + static_cast<size_t>(i))))
+         << (8 * i);
+  }
+  return v;
+}
+
+// CRC-32C as the README states it (reflected 0x82F63B78, ~0 in and out),
+// written here independently of the daemon's.
+uint32_t Crc32cAsDocumented(const std::string& s, size_t len) {
+  uint32_t crc = 0xffffffffu;
+  for (size_t i = 0; i < len; ++i) {
+    crc ^= static_cast<unsigned char>(s[i]);
+    for (int k = 0; k < 8; ++k) crc = (crc & 1) ? (crc >> 1) ^ 0x82f63b78u : crc >> 1;
+  }
+  return ~crc;
+}
+
+// The README's "bitmap files in --state-dir" read back from a real daemon's
+// files after a clean stop, field by field; then what makes a bitmap
+// `inconsistent` as the README says: a damaged file, and the source modified
+// while cbwfs was stopped. Inconsistent bitmaps are refused with QEMU's text
+// and only remove works.
+TEST_F(BitmapE2E, StateFilesHaveTheLayoutTheReadmeDocuments) {
+  constexpr uint64_t kSize = 8 * kMiB + 4096;  // a partial last granule
+  Start(kSize);
+  ASSERT_EQ(m_.Control(Cmd("block-dirty-bitmap-add",
+                           {{"node", "drive0"}, {"name", "nightly/b 1"}, {"persistent", true}})),
+            0);
+  ASSERT_EQ(m_.Control(Cmd(
+                "block-dirty-bitmap-add",
+                {{"node", "drive0"}, {"name", "b0"}, {"persistent", true}, {"granularity", 4096}})),
+            0);
+  {
+    int fd = open((m_ / "drive0").c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(pwrite(fd, "x", 1, 5 * 4096 + 7), 1);  // granule 5 of b0, 0 of the other
+    ASSERT_EQ(pwrite(fd, "y", 1, kSize - 1), 1);     // the last (partial) granule
+    close(fd);
+  }
+  ASSERT_EQ(m_.Stop(), 0) << m_.log();
+  struct stat src {};
+  ASSERT_EQ(stat((dir_ / "src.img").c_str(), &src), 0);
+  const std::string dir = dir_ / "state/bitmaps/drive0";
+
+  // b0: b-b0-<FNV-1a of "b0">.bitmap.
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char ch : std::string("b0")) {
+    h ^= ch;
+    h *= 1099511628211ull;
+  }
+  char hex[17];
+  snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  const std::string b0_file = dir + "/b-b0-" + hex + ".bitmap";
+  const std::string b = ReadFileOrDie(b0_file);
+  ASSERT_GE(b.size(), 72u) << b0_file;
+  EXPECT_EQ(b.substr(0, 8), "CBWBITM1");
+  EXPECT_EQ(Le(b, 8, 4), 1u) << "recording";
+  ASSERT_EQ(Le(b, 12, 4), 2u);
+  EXPECT_EQ(Le(b, 16, 8), 4096u);
+  EXPECT_EQ(Le(b, 24, 8), kSize);
+  const uint64_t generation = Le(b, 32, 8);
+  EXPECT_GT(generation, 0u);
+  EXPECT_EQ(Le(b, 40, 8), static_cast<uint64_t>(src.st_dev));
+  EXPECT_EQ(Le(b, 48, 8), static_cast<uint64_t>(src.st_ino));
+  EXPECT_EQ(b.substr(56, 2), "b0");
+  const uint64_t granules = (kSize + 4095) / 4096, words = (granules + 63) / 64;
+  ASSERT_EQ(Le(b, 58, 8), words);
+  ASSERT_EQ(b.size(), 66 + 8 * words + 4);
+  for (uint64_t w = 0; w < words; ++w) {
+    uint64_t want = 0;
+    if (w == 0) want |= uint64_t{1} << 5;
+    if (w == (granules - 1) / 64) want |= uint64_t{1} << ((granules - 1) % 64);
+    EXPECT_EQ(Le(b, 66 + 8 * w, 8), want) << "word " << w;
+  }
+  EXPECT_EQ(Le(b, 66 + 8 * words, 4), Crc32cAsDocumented(b, 66 + 8 * words));
+  // A name with bytes outside [A-Za-z0-9._-]: '_' in the prefix.
+  h = 1469598103934665603ull;
+  for (unsigned char ch : std::string("nightly/b 1")) {
+    h ^= ch;
+    h *= 1099511628211ull;
+  }
+  snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  struct stat other {};
+  EXPECT_EQ(stat((dir + "/b-nightly_b_1-" + hex + ".bitmap").c_str(), &other), 0);
+
+  // The journal after a clean stop.
+  const std::string j = ReadFileOrDie(dir + "/journal");
+  ASSERT_GE(j.size(), 4097u);
+  EXPECT_EQ(j.substr(0, 8), "CBWJRNL1");
+  EXPECT_EQ(Le(j, 8, 8), 64 * kMiB) << "region size";
+  EXPECT_EQ(Le(j, 16, 8), kSize);
+  EXPECT_EQ(Le(j, 24, 8), generation);
+  EXPECT_EQ(Le(j, 32, 8), 0u) << "lease 0: a clean stop";
+  EXPECT_EQ(Le(j, 40, 8), static_cast<uint64_t>(src.st_mtim.tv_sec) * 1000000000ull +
+                              static_cast<uint64_t>(src.st_mtim.tv_nsec));
+  EXPECT_EQ(Le(j, 48, 8), static_cast<uint64_t>(src.st_dev));
+  EXPECT_EQ(Le(j, 56, 8), static_cast<uint64_t>(src.st_ino));
+  EXPECT_EQ(Le(j, 64, 4), Crc32cAsDocumented(j, 64));
+  EXPECT_EQ(j.substr(68, 4096 - 68), std::string(4096 - 68, '\0'));
+  EXPECT_EQ(j.size(), 4096u + 1) << "one bit per region";
+  EXPECT_EQ(j[4096], '\0') << "no region since the last save";
+
+  // Back with its bits.
+  Start(kSize, /*fresh=*/false);
+  EXPECT_EQ(BitmapInfo(m_, "b0")["count"], 2 * 4096);
+  ASSERT_EQ(m_.Stop(), 0);
+
+  // One flipped bit in b0's file: b0 is inconsistent, the other one is not.
+  std::string damaged = b;
+  damaged[66] ^= 1;
+  WriteFileOrDie(b0_file, damaged);
+  Start(kSize, /*fresh=*/false);
+  json b0 = BitmapInfo(m_, "b0");
+  EXPECT_EQ(b0.value("inconsistent", false), true) << b0.dump();
+  EXPECT_EQ(b0["recording"], false);
+  EXPECT_EQ(b0["count"], 0);
+  EXPECT_FALSE(BitmapInfo(m_, "nightly/b 1").contains("inconsistent"));
+  std::string reply;
+  EXPECT_EQ(m_.Control(Backup(dir_ / "x.img", "incremental", "b0"), &reply), EINVAL);
+  EXPECT_EQ(json::parse(reply, nullptr, false)["error"]["desc"],
+            "Bitmap 'b0' is inconsistent and cannot be used");
+  EXPECT_EQ(m_.Control(Cmd("block-dirty-bitmap-clear", {{"node", "drive0"}, {"name", "b0"}})),
+            EINVAL);
+  EXPECT_EQ(m_.Control(Cmd("block-dirty-bitmap-remove", {{"node", "drive0"}, {"name", "b0"}})), 0);
+  EXPECT_TRUE(BitmapInfo(m_, "b0").is_null());
+  EXPECT_NE(access(b0_file.c_str(), F_OK), 0) << "its file is gone";
+  ASSERT_EQ(m_.Stop(), 0);
+
+  // The source written while cbwfs was stopped (its mtime changes).
+  {
+    int fd = open((dir_ / "src.img").c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(pwrite(fd, "z", 1, 3 * kMiB), 1);
+    close(fd);
+  }
+  Start(kSize, /*fresh=*/false);
+  b0 = BitmapInfo(m_, "nightly/b 1");
+  EXPECT_EQ(b0.value("inconsistent", false), true) << b0.dump() << m_.log();
+}
+
 }  // namespace
 }  // namespace cbw::test
