@@ -364,6 +364,41 @@ TEST_F(BitmapE2E, AcrossKillNineAtRandomMoments) {
   RecordProperty("extra_bytes", std::to_string(extra));
 }
 
+// sync full with a bitmap (SPEC 7): copies everything, then treats the
+// bitmap by its mode: on-success clears it, so it becomes the base of the
+// next incremental into that copy; always does the same; never is refused
+// with sync full, as in QEMU.
+TEST_F(BitmapE2E, FullSyncWithABitmapMakesTheBaseOfTheNextIncremental) {
+  constexpr uint64_t kSize = 8 * kMiB;
+  Start(kSize);
+  ASSERT_EQ(m_.Control(Cmd("block-dirty-bitmap-add", {{"node", "drive0"}, {"name", "b0"}})), 0);
+  CommandResult r = RunShell("head -c 300000 /dev/urandom | dd of=" + Q(m_ / "drive0") +
+                             " bs=100000 seek=7 conv=notrunc status=none");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_GT(BitmapInfo(m_, "b0")["count"].get<uint64_t>(), 0u);
+  std::string reply;
+  EXPECT_EQ(m_.Control(Backup(dir_ / "copy.img", "full", "b0", "never"), &reply), EINVAL);
+  EXPECT_EQ(json::parse(reply, nullptr, false)["error"]["desc"],
+            "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode "
+            "'full'");
+  for (const std::string mode : {"on-success", "always"}) {
+    ASSERT_EQ(m_.Control(Backup(dir_ / "copy.img", "full", "b0", mode)), 0)
+        << ReadFileOrDie(m_ / "control");
+    WaitSuccess();
+    EXPECT_EQ(Record(m_, "drive0")["len"], kSize) << mode;
+    EXPECT_EQ(BitmapInfo(m_, "b0")["count"], 0) << mode;
+    r = RunShell("head -c 200000 /dev/urandom | dd of=" + Q(m_ / "drive0") +
+                 " bs=100000 seek=30 conv=notrunc status=none");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    ASSERT_EQ(m_.Control(Backup(dir_ / "copy.img", "incremental", "b0")), 0)
+        << ReadFileOrDie(m_ / "control");
+    WaitSuccess();
+    EXPECT_LE(Record(m_, "drive0")["len"].get<uint64_t>(), 4 * 65536u) << mode;
+    EXPECT_TRUE(SameBytes(ReadFileOrDie(dir_ / "copy.img"), ReadFileOrDie(dir_ / "src.img")))
+        << mode;
+  }
+}
+
 // ------------------------------------------------ failure, cancel, retry
 
 // SPEC 7's bitmap-mode table for an incremental that fails and one that is
