@@ -62,12 +62,13 @@ qmp() {
   echo "$cmd" > "$mnt/control" || { echo "   refused: $(cat "$mnt/control")"; exit 1; }
 }
 
-# Waits for job $1 to end; stops unless it succeeded.
+# Waits (up to 2 minutes) for job $1 to end; stops unless it succeeded.
 wait_job() {
-  local rec
+  local rec deadline=$((SECONDS + 120))
   while :; do
     rec=$(cat "$mnt/jobs/$1")
     jq -e 'has("result")' <<<"$rec" >/dev/null && break
+    [ "$SECONDS" -lt "$deadline" ] || { echo "job $1 did not end: $rec"; exit 1; }
     sleep 0.05
   done
   echo "   job $1: $(jq -c '{sync, result, len, "cbw-bytes"}' <<<"$rec")"
