@@ -1,7 +1,11 @@
 // Incremental backups through the real daemon (SPEC 7): dirty bitmaps over
 // control, a full backup plus incrementals under concurrent writers, each
-// refreshing the previous full copy to the drive at its point in time;
-// persistent bitmaps across clean restarts and across kill -9.
+// refreshing the previous full copy to the drive at its point in time, or
+// written into a qcow2 chain restored by qemu-img; sync full with a bitmap;
+// the bitmap-mode table for failed and cancelled jobs (an nbdkit error
+// filter, a dying qemu-nbd) and exact retries; persistent bitmaps across
+// clean restarts and across kill -9 (also mid-job), and the state files as
+// the README documents them.
 
 #include <dirent.h>
 #include <fcntl.h>
