@@ -100,9 +100,21 @@ CbwFs::CbwFs(backup::JobRegistry* registry, backup::EventBus* bus, control::Disp
       direct_opens_(registry->drives().size(), 0),
       cache_suspect_(registry->drives().size(), false) {
   clock_gettime(CLOCK_REALTIME, &mount_time_);
+  if (config_.writeback_cache) {
+    drop_pool_ = backup::WorkerPool::Create("cache drop", 1, std::chrono::seconds(2));
+  }
 }
 
 CbwFs::~CbwFs() { Shutdown(); }
+
+void CbwFs::Shutdown() {
+  events_.Shutdown();
+  if (drop_pool_) {
+    // Its tasks use the session, which goes after this.
+    drop_pool_->Stop();
+    drop_pool_->WaitIdle(std::chrono::steady_clock::now() + std::chrono::seconds(2));
+  }
+}
 
 bool CbwFs::Stat(fuse_ino_t ino, struct stat* st) const {
   *st = {};
@@ -453,13 +465,22 @@ void CbwFs::Write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, 
   if (n.kind == Kind::kDrive) {
     // Answered here, or later from a drive writer thread when a hook must
     // wait (a copy-before-write): no FUSE worker waits on a target.
+    const bool cached = writeback_.load();
     registry_->drives()[n.drive]->Submit(
         {backup::Drive::OpKind::kWrite, buf, size, static_cast<uint64_t>(off)},
-        [req](backup::Result<size_t> r) {
-          if (!r.ok()) {
-            fuse_reply_err(req, r.status().code());
-          } else {
-            fuse_reply_write(req, *r);
+        [this, req, ino, size, off, cached](backup::Result<size_t> r) {
+          if (r.ok()) return (void)fuse_reply_write(req, *r);
+          fuse_reply_err(req, r.status().code());
+          // A refused write-back (break-guest-write) leaves the page clean in
+          // the kernel's cache with data the drive does not hold: drop it, so
+          // readers see the drive. Not from here: the kernel handles the
+          // notification only once this reply has ended the page's write-back.
+          if (cached) {
+            drop_pool_->Submit([this, ino, size, off] {
+              if (fuse_session* se = session_.load()) {
+                fuse_lowlevel_notify_inval_inode(se, ino, off, static_cast<off_t>(size));
+              }
+            });
           }
         });
     return;

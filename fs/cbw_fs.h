@@ -14,6 +14,7 @@
 #include "backup/event_bus.h"
 #include "backup/job_registry.h"
 #include "backup/mutex.h"
+#include "backup/worker_pool.h"
 #include "control/dispatcher.h"
 #include "fs/control_stream.h"
 #include "fs/events_file.h"
@@ -92,7 +93,7 @@ class CbwFs {
   void Start() { events_.Start(); }
   // Answers every parked events read with end-of-file (later reads get EOF
   // at once) and stops the background work. Call after the loop has ended.
-  void Shutdown() { events_.Shutdown(); }
+  void Shutdown();
   // At stop, while the loop still serves: waits until every events reader
   // has read what is queued for it, then ends the stream (EOF) and waits for
   // the readers to close, each wait bounded by `deadline`. So `cat events`
@@ -178,6 +179,9 @@ class CbwFs {
 
   std::atomic<fuse_session*> session_{nullptr};
   std::atomic<bool> writeback_{false};  // the kernel caches writes (set at init)
+  // Drops the cached pages of refused write-backs (a notification may not be
+  // sent from the thread that answers the write). Null without writeback.
+  std::shared_ptr<backup::WorkerPool> drop_pool_;
 };
 
 }  // namespace cbw::fs

@@ -328,6 +328,10 @@ TEST_F(WritebackEnospcE2E, BreakGuestWriteFailsAtFsyncAndClose) {
   EXPECT_EQ(close(fd), 0) << "fsync reported the error already";
   EXPECT_TRUE(ReadFileOrDie(dir_ / "src.img") == image_)
       << "a refused write must not reach the source";
+  // Nor stay in the kernel's cache (cbwfs drops the page just after).
+  EXPECT_TRUE(
+      WaitFor([&] { return ReadFileOrDie(mount_ / "drive0") == image_; }, std::chrono::seconds(10)))
+      << "the refused data still shows through the mount";
 
   // Without fsync, the close reports it.
   fd = open((mount_ / "drive0").c_str(), O_WRONLY);
