@@ -4,6 +4,7 @@
 #include <fuse_lowlevel.h>
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -13,6 +14,7 @@
 #include "backup/event_bus.h"
 #include "backup/job_registry.h"
 #include "backup/mutex.h"
+#include "backup/worker_pool.h"
 #include "control/dispatcher.h"
 #include "fs/control_stream.h"
 #include "fs/events_file.h"
@@ -32,6 +34,19 @@ namespace cbw::fs {
 // (SPEC 8 "Stopping"): once BeginStop has run, new opens of drive files are
 // refused with ESHUTDOWN and every close is reported to the stopper.
 //
+// Page cache of drives (issue 14): buffered opens keep the kernel's cached
+// pages across opens, unless a direct writer is about. An O_DIRECT open
+// drops the drive's cached pages once (each direct write would otherwise
+// invalidate cached pages one by one, at a fraction of the direct rate);
+// while an O_DIRECT open exists, buffered opens bypass the cache (direct_io),
+// so it does not fill up again; the first buffered open after the last direct
+// one closed drops the cache once more (a page read while a direct write
+// was under way may be stale).
+//
+// Writeback cache (SPEC 9, Config::writeback_cache): the kernel caches drive
+// writes; WriteBackDrives makes it write a drive's dirty pages back into
+// cbwfs before a point in time (the registry's before_point_in_time hook).
+//
 // Thread model: libfuse's multithreaded loop calls the ops concurrently; the
 // object reaches them through fuse_req_userdata (no globals). The node table,
 // the events file and the last control reply each have their own lock;
@@ -47,6 +62,7 @@ class CbwFs {
     uid_t uid = 0;  // owner of every node (the mounting user)
     gid_t gid = 0;
     uint64_t cluster_size = 64 * 1024;
+    bool writeback_cache = false;  // ask for FUSE_CAP_WRITEBACK_CACHE (SPEC 9)
   };
 
   CbwFs(backup::JobRegistry* registry, backup::EventBus* bus, control::Dispatcher* dispatcher,
@@ -57,6 +73,19 @@ class CbwFs {
 
   static const fuse_lowlevel_ops& Ops();
 
+  // The session the notifications (WriteBackDrives) go to. Call once, before
+  // the loop serves.
+  void SetSession(fuse_session* se) { session_.store(se); }
+  // In writeback-cache mode, makes the kernel write back the dirty cached
+  // pages of `drives` into cbwfs, and returns once they are written (the
+  // kernel launders each dirty page and waits for its write, which a FUSE
+  // worker serves meanwhile: the caller must not hold a lock those writes
+  // need, and enough workers must be free). A no-op without writeback cache.
+  // Thread-safe; blocks.
+  void WriteBackDrives(const std::vector<backup::Drive*>& drives);
+  // Whether the kernel accepted writeback caching (after init).
+  bool writeback_cache() const { return writeback_.load(); }
+
   // Called once from FUSE init (the mount is live and answering).
   void SetOnInit(std::function<void()> fn) { on_init_ = std::move(fn); }
   // Starts the background work (events delivery). Call in the process that
@@ -64,7 +93,7 @@ class CbwFs {
   void Start() { events_.Start(); }
   // Answers every parked events read with end-of-file (later reads get EOF
   // at once) and stops the background work. Call after the loop has ended.
-  void Shutdown() { events_.Shutdown(); }
+  void Shutdown();
   // At stop, while the loop still serves: waits until every events reader
   // has read what is queued for it, then ends the stream (EOF) and waits for
   // the readers to close, each wait bounded by `deadline`. So `cat events`
@@ -124,8 +153,9 @@ class CbwFs {
   // The errno for changing names in directory `parent`.
   int NameChangeError(fuse_ino_t parent) const;
   std::vector<OpenDrive> OpenDrivesLocked() const CBW_REQUIRES(opens_mu_);
-  // A drive handle closed (its release, or an open whose reply failed).
-  void DriveClosed(size_t drive) CBW_EXCLUDES(opens_mu_);
+  // A drive handle closed (its release, or an open whose reply failed);
+  // `direct`: it was opened O_DIRECT.
+  void DriveClosed(size_t drive, bool direct) CBW_EXCLUDES(opens_mu_);
 
   backup::JobRegistry* registry_;
   control::Dispatcher* dispatcher_;
@@ -139,8 +169,19 @@ class CbwFs {
 
   mutable backup::Mutex opens_mu_;
   std::vector<uint64_t> drive_opens_ CBW_GUARDED_BY(opens_mu_);  // by drive index
+  // Of those, opened O_DIRECT.
+  std::vector<uint64_t> direct_opens_ CBW_GUARDED_BY(opens_mu_);
+  // A direct open was seen and no buffered open has dropped the cache since
+  // the last one closed: the drive's cached pages may be stale.
+  std::vector<bool> cache_suspect_ CBW_GUARDED_BY(opens_mu_);
   bool stopping_ CBW_GUARDED_BY(opens_mu_) = false;
   std::function<void()> on_drive_close_ CBW_GUARDED_BY(opens_mu_);
+
+  std::atomic<fuse_session*> session_{nullptr};
+  std::atomic<bool> writeback_{false};  // the kernel caches writes (set at init)
+  // Drops the cached pages of refused write-backs (a notification may not be
+  // sent from the thread that answers the write). Null without writeback.
+  std::shared_ptr<backup::WorkerPool> drop_pool_;
 };
 
 }  // namespace cbw::fs

@@ -125,6 +125,16 @@ int Run(int argc, char** argv) {
 
   cbw::backup::EventBus bus;
   cbw::backup::RegistryOptions ropts;
+  // The FUSE edge exists only after the registry: the hook reaches it
+  // through this pointer, set once it does (and cleared before it goes).
+  std::atomic<cbw::fs::CbwFs*> edge{nullptr};
+  if (opts.writeback_cache) {
+    // SPEC 9: the kernel's dirty pages of the drives reach cbwfs before the
+    // point in time is fixed (called with no registry lock held).
+    ropts.before_point_in_time = [&edge](const std::vector<cbw::backup::Drive*>& ds) {
+      if (cbw::fs::CbwFs* f = edge.load()) f->WriteBackDrives(ds);
+    };
+  }
   ropts.cluster_size = opts.cluster_size;
   ropts.cbw_buffer_bytes = opts.cbw_buffer_bytes;
   ropts.mountpoint = real;
@@ -144,7 +154,13 @@ int Run(int argc, char** argv) {
   fcfg.uid = getuid();
   fcfg.gid = getgid();
   fcfg.cluster_size = opts.cluster_size;
+  fcfg.writeback_cache = opts.writeback_cache;
   cbw::fs::CbwFs fs(&registry, &bus, &dispatcher, fcfg);
+  edge = &fs;
+  struct ClearEdge {
+    std::atomic<cbw::fs::CbwFs*>* edge;
+    ~ClearEdge() { edge->store(nullptr); }
+  } clear_edge{&edge};
 
   // The QMP socket exists before the mount is announced live, so a client
   // started right after cbwfs returns finds it.
@@ -163,6 +179,10 @@ int Run(int argc, char** argv) {
   }
 
   cbw::fs::Session session(&fs, opts.mount_options);
+  // A control write that fixes a point in time in writeback-cache mode holds
+  // its worker while the kernel's write-back of the drives needs others:
+  // leave room for many such commands at once (workers start on demand).
+  if (opts.writeback_cache) session.set_max_threads(64);
   cbw::backup::Status s = session.Mount(real);
   if (!s.ok()) return Fail(s.message());
   // Targets on the mount are refused by its device number, which mountinfo

@@ -8,7 +8,6 @@
 namespace cbw::fs {
 namespace {
 
-constexpr NodeTable::Ino kFirstDriveIno = 16;
 constexpr NodeTable::Ino kJobInoBase = NodeTable::Ino{1} << 40;
 constexpr NodeTable::Ino kViewInoBase = NodeTable::Ino{2} << 40;
 

@@ -35,6 +35,9 @@ class NodeTable {
   static constexpr Ino kJobsIno = 4;
   static constexpr Ino kSnapshotsIno = 5;
   static constexpr Ino kMetricsIno = 6;
+  // Drive i is kFirstDriveIno + i.
+  static constexpr Ino kFirstDriveIno = 16;
+  static constexpr Ino DriveIno(size_t drive) { return kFirstDriveIno + drive; }
 
   enum class Kind {
     kNone,

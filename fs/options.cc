@@ -29,7 +29,8 @@ po::options_description Settings() {
        "stay in the foreground and log to stderr (else detach once the mount is live)")  //
       ("mount-options,o",
        po::value<std::vector<std::string>>()->composing()->value_name("OPT[,OPT...]"),
-       "FUSE mount options (e.g. allow_other)")  //
+       "FUSE mount options (e.g. allow_other), and cbwfs's own writeback_cache: let the "
+       "kernel cache drive writes (off by default; see cbwfs(1))")  //
       ("cluster-size", po::value<std::string>()->value_name("BYTES"),
        "CBW granularity, a power of two from 4K to 16M (default 64K)")  //
       ("cbw-buffer", po::value<std::string>()->value_name("BYTES"),
@@ -222,7 +223,15 @@ backup::Result<Options> ParseOptions(int argc, char** argv) {
       std::stringstream ss(group);
       std::string opt;
       while (std::getline(ss, opt, ',')) {
-        if (!opt.empty()) o.mount_options.push_back(opt);
+        // cbwfs's own mount options: libfuse's session parser would refuse
+        // them (it takes no writeback_cache of its own since 3.0).
+        if (opt == "writeback_cache") {
+          o.writeback_cache = true;
+        } else if (opt == "no_writeback_cache") {
+          o.writeback_cache = false;
+        } else if (!opt.empty()) {
+          o.mount_options.push_back(opt);
+        }
       }
     }
   }

@@ -15,7 +15,10 @@ struct Options {
   std::vector<backup::DriveConfig> drives;
   std::string mountpoint;
   bool foreground = false;
-  std::vector<std::string> mount_options;  // -o, split at commas
+  std::vector<std::string> mount_options;  // -o, split at commas (cbwfs's own taken out)
+  // -o writeback_cache (SPEC 9): the kernel caches drive writes; cbwfs writes
+  // them back before each point in time. Not passed on to FUSE's parser.
+  bool writeback_cache = false;
   uint64_t cluster_size = 64 * 1024;
   uint64_t cbw_buffer_bytes = 64ull << 20;  // --cbw-buffer
   std::string state_dir;

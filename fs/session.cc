@@ -71,6 +71,7 @@ Status Session::Mount(const std::string& mountpoint) {
   se_ = fuse_session_new(&args, &CbwFs::Ops(), sizeof(fuse_lowlevel_ops), fs_);
   fuse_opt_free_args(&args);
   if (!se_) return Status::Error(EINVAL, "cannot start FUSE with mount options '" + opts + "'");
+  fs_->SetSession(se_);
   // SIGUSR1 is blocked too, so that a stray one does not kill the daemon
   // (its default action) with the mount up.
   sigset_t stop;
@@ -246,11 +247,12 @@ Status Session::Loop(std::function<void()> on_stop) {
   fuse_loop_config* cfg = fuse_loop_cfg_create();
   // One /dev/fuse fd per worker (no contention on a shared fd). Workers are
   // started on demand and never retired: a cap on idle threads makes libfuse
-  // create and destroy a thread per request under load. 16 bounds memory (each
-  // worker owns a max_write-sized buffer) while leaving room for writers that
-  // wait on CBW copies; blocked events readers hold no worker.
+  // create and destroy a thread per request under load. The cap (16 by
+  // default) bounds memory (each worker owns a max_write-sized buffer) while
+  // leaving room for writers that wait on CBW copies; blocked events readers
+  // hold no worker.
   fuse_loop_cfg_set_clone_fd(cfg, 1);
-  fuse_loop_cfg_set_max_threads(cfg, 16);
+  fuse_loop_cfg_set_max_threads(cfg, max_threads_);
   int r = fuse_session_loop_mt(se_, cfg);
   fuse_loop_cfg_destroy(cfg);
   ready_fd_.Reset();

@@ -45,6 +45,9 @@ class Session {
   // then `on_stop` runs while the mount still serves (so events readers see
   // jobs being cancelled), and the loop ends.
   backup::Status Loop(std::function<void()> on_stop);
+  // The most FUSE worker threads Loop may start (default 16; started on
+  // demand). Call before Loop.
+  void set_max_threads(unsigned n) { max_threads_ = n; }
   void Unmount();
 
  private:
@@ -58,6 +61,7 @@ class Session {
   std::vector<std::string> mount_options_;
   fuse_session* se_ = nullptr;
   bool mounted_ = false;
+  unsigned max_threads_ = 16;
   pthread_t loop_thread_{};
   std::atomic<bool> loop_ended_{false};  // set by Loop for the watcher
   // Wakes the watcher: the loop ended, or a drive file closed during a stop.

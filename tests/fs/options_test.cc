@@ -43,6 +43,21 @@ TEST(Options, Everything) {
   EXPECT_EQ(o->log_level, backup::LogLevel::kDebug);
 }
 
+TEST(Options, WritebackCacheIsCbwfsOwnMountOption) {
+  auto off = Parse({"--drive", "d=/x", "-o", "allow_other", "/m"});
+  ASSERT_TRUE(off.ok()) << off.status().message();
+  EXPECT_FALSE(off->writeback_cache);
+  auto on = Parse({"--drive", "d=/x", "-o", "allow_other,writeback_cache", "-o", "ro", "/m"});
+  ASSERT_TRUE(on.ok()) << on.status().message();
+  EXPECT_TRUE(on->writeback_cache);
+  // Taken out: libfuse's own parser would refuse it.
+  EXPECT_EQ(on->mount_options, (std::vector<std::string>{"allow_other", "ro"}));
+  auto last = Parse({"--drive", "d=/x", "-o", "writeback_cache,no_writeback_cache", "/m"});
+  ASSERT_TRUE(last.ok()) << last.status().message();
+  EXPECT_FALSE(last->writeback_cache);
+  EXPECT_TRUE(last->mount_options.empty());
+}
+
 TEST(Options, ClusterSizes) {
   EXPECT_EQ(Parse({"--drive", "d=/x", "--cluster-size", "4K", "/m"})->cluster_size, 4096u);
   EXPECT_EQ(Parse({"--drive", "d=/x", "--cluster-size", "16M", "/m"})->cluster_size, 16u << 20);
