@@ -450,11 +450,17 @@ TEST_F(SnapshotE2E, FleecingScratchHoldsOnlyOverwrittenClusters) {
     written += d.size();
   }
   close(fd);
-  struct stat st {};
-  ASSERT_EQ(stat((dir_ / "scratch.img").c_str(), &st), 0);
-  uint64_t scratch = static_cast<uint64_t>(st.st_blocks) * 512;
   uint64_t overwritten = clusters.size() * kCluster;
-  EXPECT_GE(scratch, overwritten);
+  // The old clusters reach the scratch file in the background (buffered
+  // copy-before-write): wait for them.
+  uint64_t scratch = 0;
+  EXPECT_TRUE(WaitFor([&] {
+    struct stat st {};
+    if (stat((dir_ / "scratch.img").c_str(), &st) != 0) return false;
+    scratch = static_cast<uint64_t>(st.st_blocks) * 512;
+    return scratch >= overwritten;
+  })) << scratch
+      << " of " << overwritten << " bytes stored";
   EXPECT_LE(scratch, overwritten + (1 << 20)) << "the scratch target should stay sparse";
   EXPECT_EQ(Record(mount_, "fl")["cbw-bytes"], overwritten);
   RecordProperty("bytes_written", std::to_string(written));
