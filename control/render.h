@@ -4,8 +4,8 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
-#include "backup/event_bus.h"
 #include "backup/bitmap_catalog.h"
+#include "backup/event_bus.h"
 #include "backup/job_types.h"
 
 namespace cbw::control {

@@ -16,8 +16,8 @@
 
 #include "tests/ceph/ceph_cluster.h"
 #include "tests/fs/mount_fixture.h"
-#include "tests/lib/pit_oracle.h"
 #include "tests/fs/shell_helpers.h"
+#include "tests/lib/pit_oracle.h"
 
 namespace cbw::test {
 namespace {

@@ -26,8 +26,8 @@
 #include <thread>
 #include <vector>
 
-#include "tests/lib/faultfs_mount.h"
 #include "tests/fs/shell_helpers.h"
+#include "tests/lib/faultfs_mount.h"
 
 namespace cbw::test {
 namespace {

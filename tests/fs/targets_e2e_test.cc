@@ -21,9 +21,9 @@
 #include <vector>
 
 #include "tests/fs/mount_fixture.h"
-#include "tests/lib/pit_oracle.h"
 #include "tests/fs/shell_helpers.h"
 #include "tests/lib/nbd_server.h"
+#include "tests/lib/pit_oracle.h"
 
 namespace cbw::test {
 namespace {

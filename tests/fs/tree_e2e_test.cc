@@ -66,7 +66,8 @@ TEST_F(TreeE2E, NewNamesLinksAndRenamesAreRefusedWithErofsOrEperm) {
   }
   // Nothing changed, and what may be done still works.
   CommandResult ls = Sh("ls -A . jobs snapshots");
-  EXPECT_EQ(ls.out, ".:\ncontrol\ndrive0\nevents\njobs\nmetrics\nsnapshots\n\njobs:\nj\n\nsnapshots:\nj\n")
+  EXPECT_EQ(ls.out,
+            ".:\ncontrol\ndrive0\nevents\njobs\nmetrics\nsnapshots\n\njobs:\nj\n\nsnapshots:\nj\n")
       << ls.out;
   EXPECT_EQ(ReadFileOrDie(mount_ / "drive0"), image_);
   CommandResult ok =
