@@ -23,15 +23,8 @@ cd "$(dirname "$0")/.."
 size_mb=${INCR_MB:-64}
 clusters=$((size_mb * 16)) # 64 KiB clusters, the default bitmap granularity
 
-if [ -n "${CBWFS_BINARY:-}" ]; then
-  CBWFS=$CBWFS_BINARY
-else
-  tests/lib/install-deps.sh
-  echo "== building"
-  cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-  ninja -C build cbwfs >/dev/null
-  CBWFS=$PWD/build/fs/cbwfs
-fi
+. examples/lib.sh
+examples_binary
 
 work=$(mktemp -d "${INCR_DIR:-${TMPDIR:-/tmp}}/cbwfs-incremental.XXXXXX")
 mnt=$work/mnt

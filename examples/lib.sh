@@ -4,6 +4,17 @@
 # cleans both up on exit, along with a background $writer_pid if one was set.
 #   examples_setup NAME
 examples_setup() {
+  examples_binary
+  work=$(mktemp -d "/tmp/cbwfs-$1.XXXXXX")
+  mnt=$work/mnt
+  writer_pid=""
+  trap examples_cleanup EXIT
+  mkdir -p "$mnt"
+}
+
+# Sets CBWFS: CBWFS_BINARY if given, else one built into build/ (from the
+# repository's top folder).
+examples_binary() {
   if [ -n "${CBWFS_BINARY:-}" ]; then
     CBWFS=$CBWFS_BINARY
   else
@@ -13,11 +24,6 @@ examples_setup() {
     ninja -C build cbwfs >/dev/null
     CBWFS=$PWD/build/fs/cbwfs
   fi
-  work=$(mktemp -d "/tmp/cbwfs-$1.XXXXXX")
-  mnt=$work/mnt
-  writer_pid=""
-  trap examples_cleanup EXIT
-  mkdir -p "$mnt"
 }
 
 examples_cleanup() {
