@@ -4,12 +4,25 @@
 #include <limits>
 #include <utility>
 
+#include "backup/log.h"
+
 namespace cbw::control {
 
 using nlohmann::ordered_json;
 
 QmpError GenericError(int err, std::string desc) {
   return QmpError{err, "GenericError", std::move(desc)};
+}
+
+void LogErrorReply(std::string_view source, std::string_view command, const QmpError& e) {
+  std::string m(source);
+  m += ": ";
+  m += command.empty() ? "(no command)" : command;
+  m += ": ";
+  m += e.cls;
+  m += ": ";
+  m += e.desc;
+  backup::LogError(m);
 }
 
 ArgReader::ArgReader(const ordered_json& object, std::string path)

@@ -19,6 +19,9 @@ struct QmpError {
 
 QmpError GenericError(int err, std::string desc);
 
+// Logs a refused command at error level: "<source>: <command>: <class>: <desc>".
+void LogErrorReply(std::string_view source, std::string_view command, const QmpError& e);
+
 // Reads the members of one QMP arguments object the way QEMU's QObject input
 // visitor does, so that the first error reported is QEMU's: members are read
 // in schema order (the caller's call order); a missing required member, a

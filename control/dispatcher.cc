@@ -601,16 +601,6 @@ Reply RunCommand(const Context& ctx, const ordered_json& cmd, std::string* name,
       QmpError{EOPNOTSUPP, "CommandNotFound", "The command " + *name + " has not been found"});
 }
 
-void LogErrorReply(std::string_view command, const QmpError& e) {
-  std::string m = "control: ";
-  m += command.empty() ? "(no command)" : command;
-  m += ": ";
-  m += e.cls;
-  m += ": ";
-  m += e.desc;
-  backup::LogError(m);
-}
-
 }  // namespace
 
 Dispatcher::Dispatcher(backup::JobRegistry* registry) : registry_(registry) {}
@@ -625,7 +615,7 @@ WriteOutcome Dispatcher::Execute(std::string_view bytes) {
     // Refused as a whole: nothing ran, so `responses` stays empty (see the
     // header); the reason goes to last_reply for `cat control`.
     QmpError e = GenericError(parsed.error, parsed.message);
-    LogErrorReply("", e);
+    LogErrorReply("control", "", e);
     out.error = e.err;
     out.last_reply = ReplyText(Fail(e), nullptr);
     return out;
@@ -638,7 +628,7 @@ WriteOutcome Dispatcher::Execute(std::string_view bytes) {
     std::string line = ReplyText(reply, id != cmd.end() ? &*id : nullptr);
     out.responses += line;
     if (reply.error) {
-      LogErrorReply(name, *reply.error);
+      LogErrorReply("control", name, *reply.error);
       out.error = reply.error->err;
       out.last_reply = std::move(line);
       break;

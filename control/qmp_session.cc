@@ -13,16 +13,6 @@ using nlohmann::ordered_json;
 
 constexpr const char kCapabilities[] = "qmp_capabilities";
 
-void LogErrorReply(std::string_view command, const QmpError& e) {
-  std::string m = "qmp: ";
-  m += command.empty() ? "(no command)" : command;
-  m += ": ";
-  m += e.cls;
-  m += ": ";
-  m += e.desc;
-  backup::LogError(m);
-}
-
 }  // namespace
 
 std::string QmpSession::Greeting() {
@@ -45,7 +35,7 @@ std::string QmpSession::Handle(std::string_view value) {
     CommandOutcome bad;
     bad.error = GenericError(parsed.error != 0 ? parsed.error : EINVAL,
                              parsed.error != 0 ? parsed.message : "Expected one JSON object");
-    LogErrorReply("", *bad.error);
+    LogErrorReply("qmp", "", *bad.error);
     return Dispatcher::ReplyLine(bad, nullptr);
   }
   const ordered_json& command = parsed.commands.front();
@@ -62,7 +52,7 @@ std::string QmpSession::Handle(std::string_view value) {
     out.error = QmpError{EINVAL, "CommandNotFound",
                          "Capabilities negotiation is already complete, command ignored"};
   }
-  if (out.error) LogErrorReply(out.name, *out.error);
+  if (out.error) LogErrorReply("qmp", out.name, *out.error);
   auto id = command.find("id");
   return Dispatcher::ReplyLine(out, id != command.end() ? &*id : nullptr);
 }
