@@ -494,6 +494,27 @@ Status BackupJob::BufferDirtyLocked(MutexLock* lock, uint64_t c0, uint64_t c1, u
   } catch (const std::bad_alloc&) {
     st = Status::Error(ENOMEM, "no memory for a copy-before-write buffer");
   }
+  // Split into all-zero and data pieces, cluster by cluster, before taking
+  // the lock: zero pieces keep no memory and are holes to the view's seeks.
+  struct Piece {
+    size_t run;
+    uint64_t c0, c1;
+    bool zero;
+  };
+  std::vector<Piece> pieces;
+  for (size_t i = 0; st.ok() && i < runs.size(); ++i) {
+    const Run& r = runs[i];
+    auto zero_at = [&](uint64_t c) {
+      return IsZero(data[i]->data() + (c - r.c0) * cluster_size_, ClusterBytes(c, c + 1));
+    };
+    for (uint64_t a = r.c0; a < r.c1;) {
+      const bool zero = zero_at(a);
+      uint64_t b = a + 1;
+      while (b < r.c1 && zero_at(b) == zero) ++b;
+      pieces.push_back({i, a, b, zero});
+      a = b;
+    }
+  }
   lock->Relock();
   if (!st.ok() || stopping_) {
     for (const auto& r : runs) FinishClaimLocked(r, false, 0, 0, true);
@@ -501,34 +522,26 @@ Status BackupJob::BufferDirtyLocked(MutexLock* lock, uint64_t c0, uint64_t c1, u
     cv_.SignalAll();
     return st.ok() ? Status::Ok() : CbwFailedLocked(st);
   }
+  std::vector<uint64_t> zero_bytes(runs.size(), 0);
+  for (const Piece& p : pieces) {
+    const uint64_t bytes = ClusterBytes(p.c0, p.c1);
+    if (p.zero) {
+      buffer_used_ -= bytes;
+      zero_bytes[p.run] += bytes;
+      buffered_.emplace(p.c0, Buffered{p.c1, nullptr, 0});
+    } else {
+      buffered_.emplace(p.c0,
+                        Buffered{p.c1, data[p.run],
+                                 static_cast<size_t>((p.c0 - runs[p.run].c0) * cluster_size_)});
+    }
+    cbw_pool_->Submit([self = shared_from_this(), c0 = p.c0] { self->StoreBuffered(c0); });
+  }
   uint64_t data_bytes = 0;
   for (size_t i = 0; i < runs.size(); ++i) {
-    const Run& r = runs[i];
-    // Split into all-zero and data pieces, cluster by cluster: zero pieces
-    // keep no memory and are holes to the view's seeks.
-    uint64_t zero_bytes = 0;
-    for (uint64_t a = r.c0; a < r.c1;) {
-      auto zero_at = [&](uint64_t c) {
-        return IsZero(data[i]->data() + (c - r.c0) * cluster_size_, ClusterBytes(c, c + 1));
-      };
-      const bool zero = zero_at(a);
-      uint64_t b = a + 1;
-      while (b < r.c1 && zero_at(b) == zero) ++b;
-      const uint64_t bytes = ClusterBytes(a, b);
-      if (zero) {
-        buffer_used_ -= bytes;
-        zero_bytes += bytes;
-        buffered_.emplace(a, Buffered{b, nullptr, 0});
-      } else {
-        buffered_.emplace(a, Buffered{b, data[i], static_cast<size_t>((a - r.c0) * cluster_size_)});
-      }
-      cbw_pool_->Submit([self = shared_from_this(), a] { self->StoreBuffered(a); });
-      a = b;
-    }
     // Preserved as far as writers, views and the copier go.
-    const uint64_t run_bytes = ClusterBytes(r.c0, r.c1);
-    FinishClaimLocked(r, true, run_bytes - zero_bytes, zero_bytes, true);
-    data_bytes += run_bytes - zero_bytes;
+    const uint64_t run_bytes = ClusterBytes(runs[i].c0, runs[i].c1);
+    FinishClaimLocked(runs[i], true, run_bytes - zero_bytes[i], zero_bytes[i], true);
+    data_bytes += run_bytes - zero_bytes[i];
   }
   drive_->NoteCbwCopy(data_bytes);  // MOUNTPOINT/metrics
   return Status::Ok();
