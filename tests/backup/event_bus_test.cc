@@ -21,7 +21,6 @@ using testing::RandomBytes;
 using testing::ReadAll;
 using testing::WaitFor;
 
-constexpr uint64_t kMiB = 1024 * 1024;
 
 TEST(EventBusTest, FanOutAndUnsubscribe) {
   EventBus bus;
