@@ -388,8 +388,10 @@ TEST_F(SnapshotE2E, BrokenSnapshotReadsFailWithEio) {
   std::string junk = RandomBytes(4096, 3);
   EXPECT_EQ(pwrite(fd, junk.data(), junk.size(), 65536 + 10), 4096);
   close(fd);
-  // Every read of the view fails now, the overwritten cluster and the others.
+  // The store of the buffered copy fails in the background; from then on
+  // every read of the view fails, the overwritten cluster and the others.
   std::string buf(65536, '\0');
+  EXPECT_TRUE(WaitFor([&] { return pread(vfd, buf.data(), buf.size(), 0) == -1; }));
   for (uint64_t off : {uint64_t{0}, uint64_t{65536}, uint64_t{3 << 20}}) {
     errno = 0;
     EXPECT_EQ(pread(vfd, buf.data(), buf.size(), static_cast<off_t>(off)), -1) << off;

@@ -256,7 +256,7 @@ TEST_P(TargetKindE2E, TwoDriveTransactionUnderWriters) {
   Writer wa(mount_ / "a", 0, kSize, 11), wb(mount_ / "b", 0, kSize, 12);
   wa.Start();
   wb.Start();
-  ASSERT_TRUE(WaitFor([&] { return wa.ops().size() > 2 && wb.ops().size() > 2; }));
+  ASSERT_TRUE(WaitFor([&] { return wa.op_count() > 2 && wb.op_count() > 2; }));
   json txn = {{"execute", "transaction"},
               {"arguments",
                {{"actions",

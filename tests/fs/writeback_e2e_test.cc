@@ -74,12 +74,14 @@ namespace {
                                                             const Writer& w,
                                                             Clock::time_point issued,
                                                             Clock::time_point returned) {
-  const auto& ops = w.ops();
-  size_t required = 0;
-  while (required < ops.size() && ops[required].end < issued) ++required;
-  size_t optional_end = required;
-  while (optional_end < ops.size() && ops[optional_end].start <= returned) ++optional_end;
-  return OpsMatchPerByte(initial, target, ops, required, optional_end, w.base(), w.span());
+  // The writer may still be running: its log is read under its lock.
+  return w.WithOps([&](const std::vector<Op>& ops) {
+    size_t required = 0;
+    while (required < ops.size() && ops[required].end < issued) ++required;
+    size_t optional_end = required;
+    while (optional_end < ops.size() && ops[optional_end].start <= returned) ++optional_end;
+    return OpsMatchPerByte(initial, target, ops, required, optional_end, w.base(), w.span());
+  });
 }
 
 class WritebackE2E : public MountedDrive {
