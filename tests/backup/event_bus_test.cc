@@ -21,7 +21,6 @@ using testing::RandomBytes;
 using testing::ReadAll;
 using testing::WaitFor;
 
-
 TEST(EventBusTest, FanOutAndUnsubscribe) {
   EventBus bus;
   int a = 0, b = 0;
