@@ -315,9 +315,9 @@ Status DriveBitmaps::BeforeWrite(uint64_t off, uint64_t len, bool may_block) {
     (e->busy && e->successor ? e->successor : e->bits)->Set(off, len);
   }
   if (!journal_on_.load(std::memory_order_acquire)) return Status::Ok();
-  // Pairs with the fence in Save: either its snapshot sees the bits set
+  // Pairs with the same step in Save: either its snapshot sees the bits set
   // above, or this write sees the new epoch's cleared regions.
-  std::atomic_thread_fence(std::memory_order_seq_cst);
+  epoch_order_.fetch_add(1, std::memory_order_acq_rel);
   const uint64_t r0 = off / options_.region_size;
   const uint64_t r1 =
       std::min(nregions_, (off + len + options_.region_size - 1) / options_.region_size);
@@ -411,7 +411,7 @@ Status DriveBitmaps::Save(bool clean) {
     MutexLock lock(&journal_mu_);
     for (uint64_t i = 0; i < (nregions_ + 63) / 64 + 1; ++i) regions_[i].store(0);
   }
-  std::atomic_thread_fence(std::memory_order_seq_cst);  // see BeforeWrite
+  epoch_order_.fetch_add(1, std::memory_order_acq_rel);  // see BeforeWrite
   // 2. Every persistent bitmap, as it is now (a busy one with its successor).
   std::vector<BitmapRecord> records;
   {

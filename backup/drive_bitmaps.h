@@ -127,6 +127,12 @@ class DriveBitmaps {
   std::vector<std::shared_ptr<Entry>> entries_;
   std::atomic<bool> any_recording_{false};
   std::atomic<bool> journal_on_{false};  // a persistent bitmap records
+  // Orders a write's bits against a save's new journal epoch: both sides
+  // do a read-modify-write of it in between (see BeforeWrite and Save).
+  // Any two RMWs of one atomic are ordered, and the later one sees all the
+  // earlier one's side did before it (a fence would do, but TSan cannot
+  // follow fences).
+  std::atomic<uint64_t> epoch_order_{0};
 
   Mutex save_mu_;
   uint64_t generation_ CBW_GUARDED_BY(save_mu_) = 0;
