@@ -527,7 +527,7 @@ Result<std::shared_ptr<RbdTarget>> RbdTarget::Open(const TargetRequest& req,
   // librados would look in $CEPH_CONF, then /etc/ceph/ceph.conf: the same
   // files are checked and read here, and, as QEMU does, a missing default
   // file is no error.
-  std::optional<UniqueFd> conf_fd;
+  UniqueFd conf_fd;  // invalid: no conf file
   std::string conf_path;
   if (s.conf) {
     conf_path = *s.conf;
@@ -554,8 +554,8 @@ Result<std::shared_ptr<RbdTarget>> RbdTarget::Open(const TargetRequest& req,
     conn->cluster = nullptr;
     return Status::FromErrno(-r, "error initializing");
   }
-  if (conf_fd) {
-    if (int r = rados_conf_read_file(conn->cluster, FdPath(*conf_fd).c_str()); r < 0) {
+  if (conf_fd.valid()) {
+    if (int r = rados_conf_read_file(conn->cluster, FdPath(conf_fd).c_str()); r < 0) {
       return Status::FromErrno(-r, "error reading conf file " + conf_path);
     }
   }
@@ -589,7 +589,7 @@ Result<std::shared_ptr<RbdTarget>> RbdTarget::Open(const TargetRequest& req,
     return Status::FromErrno(-r, "error connecting");
   }
   option_fds.clear();
-  conf_fd.reset();
+  conf_fd.Reset();
   char fsid[64] = {};
   if (int r = rados_cluster_fsid(conn->cluster, fsid, sizeof fsid - 1); r < 0) {
     return Status::FromErrno(-r, "error reading the cluster's fsid");
