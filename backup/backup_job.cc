@@ -62,6 +62,7 @@ BackupJob::BackupJob(JobParams p)
     : id_(p.options.job_id),
       options_(p.options),
       drive_(p.drive),
+      drive_lease_(p.drive->lease()),
       target_identity_(p.target->identity()),
       target_display_(p.target->display()),
       bus_(p.bus),
@@ -423,10 +424,14 @@ Status BackupJob::CopySync(Target* target, uint64_t off, uint64_t len, uint64_t*
   if (!buf) return Status::Error(ENOMEM, "no memory for a copy-before-write buffer");
   for (uint64_t done = 0; done < len;) {
     // A task stuck in the previous piece must not touch the drive once the
-    // job has concluded (the drive may be gone).
-    if (ending_.load()) return Status::Error(ECANCELED, "job ended");
+    // job has concluded, nor once the drive is closing.
     const size_t n = static_cast<size_t>(std::min<uint64_t>(len - done, piece));
-    Result<size_t> r = PreadFull(drive_->fd(), buf.get(), n, off + done);
+    Result<size_t> r = Status::Error(ECANCELED, "job ended");
+    {
+      SourceLease::Hold hold = drive_lease_->Acquire();
+      if (!hold || ending_.load()) return r.status();
+      r = PreadFull(hold.fd(), buf.get(), n, off + done);
+    }
     if (!r.ok()) return Status::FromErrno(r.status().code(), "read from source");
     if (*r < n) return Status::Error(EIO, "short read from source");
     if (Status s = WriteOut(target, buf.get(), n, off + done, zero_bytes); !s.ok()) return s;
@@ -731,7 +736,11 @@ void BackupJob::RunCbwTask(const std::shared_ptr<CbwTask>& task) {
   uint64_t zeros = 0;
   const uint64_t bytes = ClusterBytes(task->run.c0, task->run.c1);
   Status st = CopySync(target.get(), task->run.c0 * cluster_size_, bytes, &zeros);
-  if (st.ok() && !ending_.load()) drive_->NoteCbwCopy(bytes);  // MOUNTPOINT/metrics
+  if (st.ok()) {
+    if (SourceLease::Hold hold = drive_lease_->Acquire(); hold && !ending_.load()) {
+      drive_->NoteCbwCopy(bytes);  // MOUNTPOINT/metrics
+    }
+  }
   {
     MutexLock lock(&mu_);
     FinishClaimLocked(task->run, st.ok(), bytes - zeros, zeros, true);

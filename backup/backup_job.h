@@ -75,6 +75,7 @@
 #include "backup/job_types.h"
 #include "backup/mutex.h"
 #include "backup/rate_limiter.h"
+#include "backup/source_lease.h"
 #include "backup/status.h"
 #include "backup/target.h"
 #include "backup/txn.h"
@@ -240,6 +241,8 @@ class BackupJob : public std::enable_shared_from_this<BackupJob>, private Copier
   const std::string id_;
   const BackupOptions options_;
   Drive* const drive_;
+  // Held by CBW copies (which may outlive the job) while they touch drive_.
+  const std::shared_ptr<SourceLease> drive_lease_;
   const std::string target_identity_;
   const std::string target_display_;
   EventBus* const bus_;

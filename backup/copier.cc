@@ -13,6 +13,7 @@
 #include "backup/drive.h"
 #include "backup/log.h"
 #include "backup/posix_io.h"
+#include "backup/uring.h"
 
 namespace cbw::backup {
 namespace {
@@ -43,7 +44,7 @@ struct Copier::Ring {
   bool poll_armed = false;
   std::deque<std::pair<int, int>> sync_done;  // (slot, res)
   ~Ring() {
-    if (ok) io_uring_queue_exit(&ring);
+    if (ok) ExitRing(&ring);
   }
   bool Submit() {
     int r = io_uring_submit(&ring);
@@ -83,7 +84,7 @@ Status Copier::Init() {
     }
   }
   ring_ = std::make_unique<Ring>();
-  int r = io_uring_queue_init(static_cast<unsigned>(slots_.size()) + 2, &ring_->ring, 0);
+  int r = InitRing(static_cast<unsigned>(slots_.size()) + 2, &ring_->ring);
   ring_->ok = r == 0;
   if (!ring_->ok) {
     LogWarn("io_uring unavailable (" + std::string(std::strerror(-r)) +

@@ -219,6 +219,7 @@ Result<std::unique_ptr<Drive>> Drive::Open(const DriveConfig& config) {
     d->size_ = static_cast<uint64_t>(st.st_size);
   }
   d->fd_ = std::move(fd);
+  d->lease_ = std::make_shared<SourceLease>(d->fd_.get());
   d->slow_ = WorkerPool::Create("drive '" + config.name + "' writer", kSlowWriters,
                                 std::chrono::seconds(10));
   return d;
@@ -229,6 +230,12 @@ Drive::~Drive() {
     LogError("drive '" + name_ + "': writes still in flight at close");
   }
   if (slow_) slow_->Stop();
+  if (lease_ && !lease_->Close(std::chrono::steady_clock::now() + kDrainTimeout)) {
+    // A copy is still reading the source: its fd stays open (never reused
+    // under it); the process is ending anyway.
+    LogError("drive '" + name_ + "': a copy still reads the source at close");
+    (void)fd_.Release();
+  }
   if (fd_.valid() && !readonly_ && fsync(fd_.get()) != 0) {
     LogError("drive '" + name_ + "': fsync of '" + path_ + "' at close: " + std::strerror(errno));
   }

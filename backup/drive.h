@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "backup/source_lease.h"
 #include "backup/status.h"
 #include "backup/unique_fd.h"
 
@@ -117,6 +118,9 @@ class Drive {
   // The source fd, for readers (pread is thread-safe). Never write through it:
   // writes must use the methods below so hooks run.
   int fd() const { return fd_.get(); }
+  // Work that may outlive the drive's owner (CBW copies stuck on a target)
+  // holds this lease while it touches the drive; closing waits for it.
+  const std::shared_ptr<SourceLease>& lease() const { return lease_; }
 
   // Reads up to len bytes at off; short at the end of the drive, 0 past it.
   Result<size_t> Read(void* buf, size_t len, uint64_t off) const;
@@ -197,6 +201,7 @@ class Drive {
   dev_t dev_ = 0;
   ino_t ino_ = 0;
   UniqueFd fd_;
+  std::shared_ptr<SourceLease> lease_;  // set with fd_
   std::shared_ptr<WorkerPool> slow_;  // the slow path's writer threads
 
   // Write gate (see the class comment).

@@ -17,6 +17,7 @@
 #include "backup/drive.h"
 #include "backup/log.h"
 #include "backup/posix_io.h"
+#include "backup/uring.h"
 
 namespace cbw::backup {
 namespace {
@@ -37,12 +38,12 @@ class FileQueue : public TargetQueue {
  public:
   FileQueue(FileTarget* target, unsigned depth) : target_(target), depth_(depth) {}
   ~FileQueue() override {
-    if (ring_ok_) io_uring_queue_exit(&ring_);
+    if (ring_ok_) ExitRing(&ring_);
     if (event_fd_ >= 0) close(event_fd_);
   }
 
   Status Init() {
-    int r = io_uring_queue_init(depth_ + 2, &ring_, 0);
+    int r = InitRing(depth_ + 2, &ring_);
     ring_ok_ = r == 0;
     if (!ring_ok_) {
       // No io_uring (e.g. a seccomp filter): requests run synchronously and

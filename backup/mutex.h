@@ -16,7 +16,7 @@
 //   5. Txn::mu_, WorkerPool::mu_, RateLimiter owners' locks
 //   6. EventBus::mu_               (subscriber list; callbacks run under it)
 //   7. subscriber locks (the events file's queue, the persister's queue)
-//   8. Drive gate / install locks, Log's line lock (leaves)
+//   8. Drive gate / install locks, SourceLease::mu_, Log's line lock (leaves)
 // No lock is ever held across I/O on a user-given path or a target, and no
 // job lock is held while events are published (jobs queue them and publish
 // after unlocking, see BackupJob).

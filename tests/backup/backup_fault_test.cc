@@ -97,7 +97,7 @@ TEST_F(FaultTest, TargetEioReportFailsTheJob) {
   auto i = Info();
   EXPECT_EQ(i->result, JobResult::kFailed);
   EXPECT_EQ(i->error, "Input/output error");
-  EXPECT_EQ(rec.Sequence("drive0"),
+  EXPECT_EQ(rec.SequenceUntil("drive0"),
             "created,running,ERROR(write,report),aborting,COMPLETED(Input/output error),"
             "concluded,null");
   EXPECT_TRUE(SameBytes(ReadAll(dir_ / "src.img"), data_));
@@ -137,7 +137,7 @@ TEST_F(FaultTest, TargetEioStopPausesUntilResumed) {
   EXPECT_EQ(i->io_status, IoStatus::kOk);
   EXPECT_EQ(i->offset, i->len);
   EXPECT_TRUE(SameBytes(Target(), data_));
-  EXPECT_EQ(rec.Sequence("drive0"),
+  EXPECT_EQ(rec.SequenceUntil("drive0"),
             "created,running,ERROR(write,stop),paused,running,waiting,pending,COMPLETED,"
             "concluded,null");
 }

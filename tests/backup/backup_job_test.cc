@@ -38,7 +38,7 @@ TEST(BackupTest, FullBackupCopiesEverythingAndEvents) {
   EXPECT_FALSE(info->listed);
   EXPECT_TRUE(info->finished.has_value());
   EXPECT_TRUE(testing::SameBytes(ReadAll(f.dir / "t.img"), data));
-  EXPECT_EQ(rec.Sequence("drive0"), "created,running,waiting,pending,COMPLETED,concluded,null");
+  EXPECT_EQ(rec.SequenceUntil("drive0"), "created,running,waiting,pending,COMPLETED,concluded,null");
   EXPECT_TRUE(f.registry->ListJobs().empty());
   ASSERT_EQ(f.registry->JobFiles().size(), 1u);
 }
@@ -146,7 +146,7 @@ TEST(BackupTest, SyncNoneKeepsOldDataAndRunsUntilCancelled) {
   ASSERT_TRUE(f.registry->Cancel("drive0").ok());
   ASSERT_TRUE(WaitFor([&] { return f.Ended("drive0"); }));
   EXPECT_EQ(f.Info("drive0")->result, JobResult::kCancelled);
-  EXPECT_EQ(rec.Sequence("drive0"), "created,running,aborting,CANCELLED,concluded,null");
+  EXPECT_EQ(rec.SequenceUntil("drive0"), "created,running,aborting,CANCELLED,concluded,null");
   EXPECT_TRUE(f.registry->SnapshotIds().empty());
   EXPECT_EQ(f.registry->ReadSnapshot("drive0", view.data(), 10, 0).status().code(), EIO);
 }
@@ -255,7 +255,7 @@ TEST(StateMachineTest, VerbRefusalsInRunningPendingConcluded) {
   EXPECT_EQ(f.registry->Dismiss("job0").code(), ESRCH);
   EXPECT_TRUE(f.registry->ListJobs().empty());
   EXPECT_TRUE(f.registry->GetJobFile("job0").has_value());
-  EXPECT_EQ(rec.Sequence("job0"),
+  EXPECT_EQ(rec.SequenceUntil("job0"),
             "created,running,waiting,pending,PENDING,COMPLETED,concluded,null");
   // A dismissed record's id is simply reused.
   ASSERT_TRUE(f.registry->StartBackups({o2}).ok());
@@ -296,7 +296,7 @@ TEST(StateMachineTest, CancelPausedJobAndForce) {
   EXPECT_EQ(s.message(), "The block job for device 'drive0' is currently paused");
   ASSERT_TRUE(f.registry->Cancel("drive0", true).ok());
   ASSERT_TRUE(WaitFor([&] { return f.Ended("drive0"); }));
-  EXPECT_EQ(rec.Sequence("drive0"),
+  EXPECT_EQ(rec.SequenceUntil("drive0"),
             "created,running,paused,running,aborting,CANCELLED,concluded,null");
   EXPECT_EQ(f.registry->RemoveJobFile("drive0").code(), 0);
   EXPECT_FALSE(f.registry->GetJobFile("drive0").has_value());
@@ -486,7 +486,7 @@ TEST(BackupTest, JobInfoAndEventPayloads) {
   // Cancel in pending: aborting, cancelled (target left as is).
   ASSERT_TRUE(f.registry->Cancel("drive0").ok());
   ASSERT_TRUE(WaitFor([&] { return f.Ended("drive0"); }));
-  EXPECT_EQ(rec.Sequence("drive0"),
+  EXPECT_EQ(rec.SequenceUntil("drive0"),
             "created,running,waiting,pending,PENDING,aborting,CANCELLED,concluded,null");
   for (const auto& e : rec.events()) {
     if (e.type == EventType::kBlockJobCancelled) {

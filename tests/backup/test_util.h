@@ -93,6 +93,21 @@ class EventRecorder {
     }
     return out;
   }
+  // Sequence(id) once its last event has arrived (the job's ending status
+  // is set before its events are delivered): waits up to `seconds` for the
+  // sequence to end with `last`.
+  std::string SequenceUntil(const std::string& id, const std::string& last = "null",
+                            double seconds = 10) const {
+    std::string seq;
+    WaitFor(
+        [&] {
+          seq = Sequence(id);
+          return seq.size() >= last.size() && seq.compare(seq.size() - last.size(), last.size(),
+                                                          last) == 0;
+        },
+        seconds);
+    return seq;
+  }
   bool Has(const std::string& id, EventType type) const {
     for (const auto& e : events()) {
       if (e.job_id == id && e.type == type) return true;
