@@ -45,7 +45,16 @@ class FileQueue : public TargetQueue {
   Status Init() {
     int r = InitRing(depth_ + 2, &ring_);
     ring_ok_ = r == 0;
-    if (!ring_ok_) {
+    if (ring_ok_) {
+      // Completions are announced on an eventfd (a counter: level-triggered
+      // and never missed), which the copier polls; the ring's own fd is
+      // the fallback.
+      event_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+      if (event_fd_ >= 0 && io_uring_register_eventfd(&ring_, event_fd_) != 0) {
+        close(event_fd_);
+        event_fd_ = -1;
+      }
+    } else {
       // No io_uring (e.g. a seccomp filter): requests run synchronously and
       // an always-readable eventfd says so.
       event_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -56,7 +65,7 @@ class FileQueue : public TargetQueue {
     return Status::Ok();
   }
 
-  int poll_fd() const override { return ring_ok_ ? ring_.ring_fd : event_fd_; }
+  int poll_fd() const override { return event_fd_ >= 0 ? event_fd_ : ring_.ring_fd; }
   unsigned in_flight() const override { return static_cast<unsigned>(reqs_.size()); }
 
   void SubmitWrite(const char* buf, size_t len, uint64_t off, uint64_t tag) override {
@@ -85,6 +94,12 @@ class FileQueue : public TargetQueue {
   }
 
   void Reap(std::vector<TargetCompletion>* out) override {
+    if (event_fd_ >= 0) {
+      // Reset first: a completion after this read counts again.
+      uint64_t v;
+      if (read(event_fd_, &v, sizeof v) < 0) { /* nothing pending */
+      }
+    }
     if (ring_ok_) {
       io_uring_cqe* cqe = nullptr;
       while (io_uring_peek_cqe(&ring_, &cqe) == 0 && cqe != nullptr) {
@@ -110,10 +125,6 @@ class FileQueue : public TargetQueue {
             Finish(it, 0);
           }
         }
-      }
-    } else {
-      uint64_t v;
-      if (read(event_fd_, &v, sizeof v) < 0) { /* nothing pending */
       }
     }
     out->insert(out->end(), done_.begin(), done_.end());
