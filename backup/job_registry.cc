@@ -118,6 +118,8 @@ JobRegistry::~JobRegistry() { Shutdown(); }
 void JobRegistry::StartBackgroundThreads() {
   if (!ticker_.joinable() && !options_.state_dir.empty()) {
     ticker_ = std::thread([this] { RunGuarded("bitmap leases", [&] { TickLoop(); }); });
+    MutexLock lock(&pmu_);
+    ticking_ = true;
   }
   {
     MutexLock lock(&store_mu_);
@@ -128,14 +130,41 @@ void JobRegistry::StartBackgroundThreads() {
 }
 
 void JobRegistry::TickLoop() {
+  constexpr auto kTick = std::chrono::seconds(2);
   MutexLock lock(&pmu_);
-  while (!pstop_) {
-    tick_cv_.WaitFor(&lock, std::chrono::seconds(2));
-    if (pstop_) break;
+  auto next_tick = std::chrono::steady_clock::now() + kTick;
+  for (;;) {
+    tick_cv_.WaitUntil(&lock, next_tick, [&]() CBW_REQUIRES(pmu_) {
+      return pstop_ || !save_soon_.empty();
+    });
+    // Saves asked for are done even when stopping: they are what is on disk.
+    std::set<DriveBitmaps*> saves;
+    saves.swap(save_soon_);
+    const bool stop = pstop_;
     lock.Unlock();
-    for (auto& b : bitmaps_) b->Tick();
+    for (DriveBitmaps* b : saves) {
+      if (Status s = b->Save(false); !s.ok()) LogError("bitmaps: " + s.message());
+    }
+    // (Once pstop_ is set, SaveBitmapsSoon saves on its caller's thread.)
+    if (stop) return;
+    if (std::chrono::steady_clock::now() >= next_tick) {
+      for (auto& b : bitmaps_) b->Tick();
+      next_tick = std::chrono::steady_clock::now() + kTick;
+    }
     lock.Relock();
   }
+}
+
+void JobRegistry::SaveBitmapsSoon(DriveBitmaps* b) {
+  {
+    MutexLock lock(&pmu_);
+    if (ticking_ && !pstop_) {
+      save_soon_.insert(b);
+      tick_cv_.Signal();
+      return;
+    }
+  }
+  if (Status s = b->Save(false); !s.ok()) LogError("bitmaps: " + s.message());
 }
 
 std::vector<BitmapInfo> JobRegistry::Bitmaps(const std::string& drive) const {
@@ -418,10 +447,10 @@ Status JobRegistry::Transaction(const std::vector<TxnAction>& actions, Completio
       DriveBitmaps* db = p.bitmaps;
       const std::string name = *params.options.bitmap;
       const BitmapMode bm = *p.mode;
-      params.on_bitmap_end = [db, name, bm](bool ok,
-                                            std::vector<std::pair<uint64_t, uint64_t>> not_copied) {
+      params.on_bitmap_end = [this, db, name, bm](
+                                 bool ok, std::vector<std::pair<uint64_t, uint64_t>> not_copied) {
         Drive::AtPointInTime({db->drive()}, [&] { db->EndJob(name, bm, ok, not_copied); });
-        if (Status s = db->Save(false); !s.ok()) LogError("bitmaps: " + s.message());
+        SaveBitmapsSoon(db);
       };
     }
     p.job = std::make_shared<BackupJob>(std::move(params));
@@ -471,7 +500,10 @@ Status JobRegistry::Transaction(const std::vector<TxnAction>& actions, Completio
   }
   // 8. Bitmaps on disk: removed ones go, the others are saved as they are
   // now (a frozen one with its successor).
-  std::set<DriveBitmaps*> to_save;
+  // Bitmap commands are on disk before the reply; a job's freeze only
+  // soon (until then the crash journal covers its changes, and a job that
+  // was running at a crash merges its bits back anyway).
+  std::set<DriveBitmaps*> to_save, to_save_soon;
   for (const auto& p : plan) {
     if (!p.bitmaps || !p.bitmaps->can_persist()) continue;
     if (p.action.bitmap && p.action.bitmap->kind == BitmapAction::Kind::kRemove) {
@@ -479,10 +511,17 @@ Status JobRegistry::Transaction(const std::vector<TxnAction>& actions, Completio
         LogError("bitmaps: " + s.message());
       }
     }
-    if (p.action.bitmap || p.mode) to_save.insert(p.bitmaps);
+    if (p.action.bitmap) {
+      to_save.insert(p.bitmaps);
+    } else if (p.mode) {
+      to_save_soon.insert(p.bitmaps);
+    }
   }
   for (DriveBitmaps* b : to_save) {
     if (Status s = b->Save(false); !s.ok()) LogError("bitmaps: " + s.message());
+  }
+  for (DriveBitmaps* b : to_save_soon) {
+    if (!to_save.count(b)) SaveBitmapsSoon(b);
   }
   for (const auto& p : plan) {
     if (p.action.bitmap) {

@@ -209,7 +209,11 @@ class JobRegistry {
   // bitmaps as they are now (gate closed) and, if all pass, applies them.
   struct Planned;
   Status ApplyAtPointInTime(std::vector<Planned>& plan, bool grouped);
-  void TickLoop();
+  void TickLoop() CBW_EXCLUDES(pmu_);
+  // Saves a drive's bitmaps on the ticker thread, promptly but off the
+  // caller's path (a job's start and end); synchronously without a ticker.
+  // Safe to defer: until the save, the crash journal covers every change.
+  void SaveBitmapsSoon(DriveBitmaps* b) CBW_EXCLUDES(pmu_);
 
   const std::vector<Drive*> drives_;
   // One per drive, same order; their hooks are installed at construction.
@@ -239,8 +243,10 @@ class JobRegistry {
   bool pstop_ CBW_GUARDED_BY(pmu_) = false;
   uint64_t token_ = 0;
   std::thread persister_;
-  std::thread ticker_;  // bitmap leases; stops with pstop_
+  std::thread ticker_;  // bitmap leases and deferred saves; stops with pstop_
   CondVar tick_cv_;     // with pmu_
+  bool ticking_ CBW_GUARDED_BY(pmu_) = false;  // the ticker runs (until pstop_)
+  std::set<DriveBitmaps*> save_soon_ CBW_GUARDED_BY(pmu_);
 };
 
 }  // namespace cbw::backup
