@@ -29,6 +29,7 @@ constexpr uint64_t kPollTag = ~uint64_t{0};        // user_data of the target-qu
 struct Copier::Slot {
   enum class Phase { kFree, kRead, kTarget };
   char* buf = nullptr;
+  uint64_t cap = 0;  // buf's size: a chunk, or a cluster (small slots)
   Phase phase = Phase::kFree;
   CopierHost::Run run;
   uint64_t off = 0, len = 0, pos = 0;  // pos: bytes read so far
@@ -77,9 +78,12 @@ void Copier::ReleaseAll() {
 }
 
 Status Copier::Init() {
-  slots_.resize(std::max(1u, config_.depth));
-  for (auto& s : slots_) {
-    if (posix_memalign(reinterpret_cast<void**>(&s.buf), 4096, config_.chunk_size) != 0) {
+  const unsigned big = std::max(1u, config_.depth);
+  slots_.resize(big + config_.small_depth);
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    Slot& s = slots_[i];
+    s.cap = i < big ? config_.chunk_size : config_.cluster_size;
+    if (posix_memalign(reinterpret_cast<void**>(&s.buf), 4096, s.cap) != 0) {
       return Status::Error(ENOMEM, "no memory for copy buffers");
     }
   }
@@ -96,8 +100,9 @@ Status Copier::Init() {
   return Status::Ok();
 }
 
-int Copier::FreeSlot() const {
-  for (size_t i = 0; i < slots_.size(); ++i) {
+int Copier::FreeSlot(bool small_too) const {
+  const size_t n = small_too ? slots_.size() : std::max<size_t>(1, config_.depth);
+  for (size_t i = 0; i < n; ++i) {
     if (slots_[i].phase == Slot::Phase::kFree) return static_cast<int>(i);
   }
   return -1;
@@ -173,8 +178,13 @@ void Copier::Dispatch(int i, uint64_t max_clusters) {
     if (ext_end_ <= off) ext_end_ = off + 1;
   }
   const uint64_t end = std::min((ext_end_ + cs - 1) / cs, nclusters_);
+  max_clusters = std::max<uint64_t>(1, std::min(max_clusters, s.cap / cs));
   std::optional<CopierHost::Run> run = host_->ClaimNext(&cursor_, end, max_clusters);
   if (!run) return;
+  if (s.cap == config_.chunk_size && max_clusters > 1) {
+    // Cut short by a clean cluster (not by the extent, the size, or a limit)?
+    scattered_ = run->c1 - run->c0 < max_clusters && run->c1 < end;
+  }
   s.run = *run;
   s.off = run->c0 * cs;
   s.len = std::min(run->c1 * cs, size_) - s.off;
@@ -323,7 +333,7 @@ Copier::Outcome Copier::Run() {
     const CopierHost::Halt halt = host_->halt();
     uint64_t delay = 0;
     if (halt == CopierHost::Halt::kNone && !error_ && cursor_ < nclusters_) {
-      int slot = FreeSlot();
+      int slot = FreeSlot(scattered_);
       if (slot >= 0) {
         const uint64_t chunk = host_->ChunkBytes();
         delay = host_->DelayNs(chunk);

@@ -57,7 +57,9 @@ class CopierHost {
 
 // The background copy of one job (sync full/top/bitmap): `depth` chunks in
 // flight, each read from the source with io_uring and written through the
-// target's queue. All-zero clusters are not written (a hole on a zeroed
+// target's queue. Where the dirty clusters are scattered (an incremental:
+// runs shorter than a chunk), up to `small_depth` more single-cluster
+// requests go in flight beside them, as random reads need a deeper queue. All-zero clusters are not written (a hole on a zeroed
 // target, write-zeroes otherwise); holes that SEEK_DATA finds are claimed and
 // zeroed without reading. Short reads are resubmitted. Not thread-safe: one
 // copier thread runs it.
@@ -66,7 +68,8 @@ class Copier {
   struct Config {
     uint64_t cluster_size = 64 * 1024;
     uint64_t chunk_size = 1 << 20;  // multiple of cluster_size
-    unsigned depth = 8;
+    unsigned depth = 8;         // chunk-sized requests
+    unsigned small_depth = 24;  // cluster-sized ones, for scattered runs
   };
   enum class Outcome { kSuccess, kFailed, kCancelled };
 
@@ -87,7 +90,7 @@ class Copier {
   };
 
   Status Init();
-  int FreeSlot() const;
+  int FreeSlot(bool small_too) const;
   void Dispatch(int slot, uint64_t max_clusters);
   void SubmitRead(int slot);
   void OnRead(int slot, int res);
@@ -113,6 +116,9 @@ class Copier {
   uint64_t ext_start_ = 0, ext_end_ = 0;  // a known data extent of the source
   std::optional<PassError> error_;
   uint64_t unflushed_ = 0;  // bytes written since writeback was last started
+  // The last chunk-sized claim ended at a clean cluster: the dirty clusters
+  // are scattered, and the small slots join in.
+  bool scattered_ = false;
 };
 
 }  // namespace cbw::backup

@@ -48,6 +48,7 @@ class FakeJob : public CopierHost {
     map_.Claim(c, e);
     *cursor = e;
     ++claims_;
+    max_out_ = std::max(max_out_, claims_ - finished_);
     return Run{c, e};
   }
   uint64_t NextDirty(uint64_t from) override {
@@ -81,6 +82,7 @@ class FakeJob : public CopierHost {
   std::mutex mu_;
   ClusterMap map_;
   uint64_t claims_ = 0, finished_ = 0, data_ = 0, zero_ = 0;
+  uint64_t max_out_ = 0;  // most claims held at once
   long cancel_after_ = -1;
   std::vector<std::pair<int, bool>> errors_;
 };
@@ -156,6 +158,47 @@ TEST(CopierTest, ClustersAlreadyDoneAreNotCopied) {
   EXPECT_EQ(copier.Run(), Copier::Outcome::kSuccess);
   EXPECT_EQ(job.data_, 2 * kMiB);
   EXPECT_EQ(ReadAll(s.dir / "t.img").substr(0, 2 * kMiB), std::string(2 * kMiB, '\0'));
+}
+
+// An incremental's scattered clusters: single-cluster requests go in flight
+// beside the chunk-sized ones (random reads want a deeper queue), and only
+// the dirty clusters are copied.
+TEST(CopierTest, ScatteredClustersAlsoGoThroughTheSmallSlots) {
+  const uint64_t size = 64 * kMiB, n = size / kCluster;
+  const std::string data = RandomBytes(size, 16);
+  CopySetup s(data, size);
+  FakeJob job(n);
+  std::string want(size, '\0');
+  uint64_t dirty = 0;
+  for (uint64_t c = 0; c < n; ++c) {
+    if (c % 3 == 0) {
+      want.replace(c * kCluster, kCluster, data, c * kCluster, kCluster);
+      ++dirty;
+    } else {
+      job.map_.Claim(c, c + 1);
+      job.map_.Finish(c, c + 1, true);
+    }
+  }
+  Copier copier(&job, {kCluster, kMiB, 2, 6}, s.drive.get(),
+                s.OpenFile("t.img", TargetMode::kAbsolutePaths));
+  EXPECT_EQ(copier.Run(), Copier::Outcome::kSuccess);
+  EXPECT_TRUE(testing::SameBytes(ReadAll(s.dir / "t.img"), want));
+  EXPECT_EQ(job.data_, dirty * kCluster);
+  EXPECT_EQ(job.claims_, job.finished_);
+  EXPECT_GT(job.max_out_, 2u) << "only the chunk-sized slots were used";
+  EXPECT_LE(job.max_out_, 8u);
+}
+
+// A fully dirty drive is copied in chunks: the small slots stay out of it.
+TEST(CopierTest, ContiguousDirtyClustersGoInChunksOnly) {
+  const uint64_t size = 32 * kMiB;
+  CopySetup s(RandomBytes(size, 17), size);
+  FakeJob job(size / kCluster);
+  Copier copier(&job, {kCluster, kMiB, 2, 6}, s.drive.get(),
+                s.OpenFile("t.img", TargetMode::kAbsolutePaths));
+  EXPECT_EQ(copier.Run(), Copier::Outcome::kSuccess);
+  EXPECT_EQ(job.claims_, size / kMiB);
+  EXPECT_LE(job.max_out_, 2u);
 }
 
 TEST(CopierTest, ACancelStopsDispatchingAndReleasesNothingHalfDone) {
