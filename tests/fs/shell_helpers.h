@@ -36,6 +36,15 @@ inline std::string Cmd(const std::string& execute, const json& args = json(),
   return c.dump();
 }
 
+// A transaction of drive-backup actions (their `data`), one point in time,
+// completion-mode grouped.
+inline std::string GroupedBackups(const std::vector<json>& backups) {
+  json actions = json::array();
+  for (const auto& b : backups) actions.push_back({{"type", "drive-backup"}, {"data", b}});
+  return Cmd("transaction",
+             {{"actions", actions}, {"properties", {{"completion-mode", "grouped"}}}});
+}
+
 inline json Record(CbwfsMount& m, const std::string& id) {
   std::string r = m.JobRecord(id);
   return r.empty() ? json() : json::parse(r, nullptr, false);

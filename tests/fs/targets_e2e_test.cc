@@ -257,14 +257,10 @@ TEST_P(TargetKindE2E, TwoDriveTransactionUnderWriters) {
   wa.Start();
   wb.Start();
   ASSERT_TRUE(WaitFor([&] { return wa.op_count() > 2 && wb.op_count() > 2; }));
-  json txn = {{"execute", "transaction"},
-              {"arguments",
-               {{"actions",
-                 {{{"type", "drive-backup"}, {"data", BackupArgs("a", "a", *ta, "full", 0)}},
-                  {{"type", "drive-backup"}, {"data", BackupArgs("b", "b", *tb, "full", 0)}}}},
-                {"properties", {{"completion-mode", "grouped"}}}}}};
+  const std::string txn =
+      GroupedBackups({BackupArgs("a", "a", *ta, "full", 0), BackupArgs("b", "b", *tb, "full", 0)});
   auto issued = Clock::now();
-  int err = mount_.Control(txn.dump());
+  int err = mount_.Control(txn);
   auto returned = Clock::now();
   ASSERT_EQ(err, 0) << ReadFileOrDie(mount_ / "control");
   ASSERT_TRUE(WaitResult(mount_, "a"));

@@ -163,22 +163,11 @@ TEST_F(WritebackE2E, TransactionOverTwoDrivesWithRacingWrites) {
   wa.Start();
   wb.Start();
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  json txn = {
-      {"execute", "transaction"},
-      {"arguments",
-       {{"actions",
-         {{{"type", "drive-backup"},
-           {"data",
-            {{"device", "a"}, {"target", dir_ / "ta.img"}, {"sync", "full"}, {"speed", 16 << 20}}}},
-          {{"type", "drive-backup"},
-           {"data",
-            {{"device", "b"},
-             {"target", dir_ / "tb.img"},
-             {"sync", "full"},
-             {"speed", 16 << 20}}}}}},
-        {"properties", {{"completion-mode", "grouped"}}}}}};
+  const std::string txn = GroupedBackups(
+      {{{"device", "a"}, {"target", dir_ / "ta.img"}, {"sync", "full"}, {"speed", 16 << 20}},
+       {{"device", "b"}, {"target", dir_ / "tb.img"}, {"sync", "full"}, {"speed", 16 << 20}}});
   auto issued = Clock::now();
-  int err = mount_.Control(txn.dump());
+  int err = mount_.Control(txn);
   auto returned = Clock::now();
   ASSERT_EQ(err, 0) << ReadFileOrDie(mount_ / "control");
   ASSERT_TRUE(WaitResult(mount_, "a"));
