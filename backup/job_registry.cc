@@ -134,9 +134,9 @@ void JobRegistry::TickLoop() {
   MutexLock lock(&pmu_);
   auto next_tick = std::chrono::steady_clock::now() + kTick;
   for (;;) {
-    tick_cv_.WaitUntil(&lock, next_tick, [&]() CBW_REQUIRES(pmu_) {
-      return pstop_ || !save_soon_.empty();
-    });
+    while (!pstop_ && save_soon_.empty()) {
+      if (!tick_cv_.WaitUntil(&lock, next_tick)) break;
+    }
     // Saves asked for are done even when stopping: they are what is on disk.
     std::set<DriveBitmaps*> saves;
     saves.swap(save_soon_);

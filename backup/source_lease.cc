@@ -17,7 +17,10 @@ void SourceLease::Release() {
 bool SourceLease::Close(std::chrono::steady_clock::time_point deadline) {
   MutexLock lock(&mu_);
   closed_ = true;
-  return cv_.WaitUntil(&lock, deadline, [&]() CBW_REQUIRES(mu_) { return holds_ == 0; });
+  while (holds_ > 0) {
+    if (!cv_.WaitUntil(&lock, deadline)) return holds_ == 0;
+  }
+  return true;
 }
 
 }  // namespace cbw::backup
