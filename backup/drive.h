@@ -202,7 +202,7 @@ class Drive {
   ino_t ino_ = 0;
   UniqueFd fd_;
   std::shared_ptr<SourceLease> lease_;  // set with fd_
-  std::shared_ptr<WorkerPool> slow_;  // the slow path's writer threads
+  std::shared_ptr<WorkerPool> slow_;    // the slow path's writer threads
 
   // Write gate (see the class comment).
   std::atomic<int> in_flight_{0};

@@ -38,7 +38,8 @@ TEST(BackupTest, FullBackupCopiesEverythingAndEvents) {
   EXPECT_FALSE(info->listed);
   EXPECT_TRUE(info->finished.has_value());
   EXPECT_TRUE(testing::SameBytes(ReadAll(f.dir / "t.img"), data));
-  EXPECT_EQ(rec.SequenceUntil("drive0"), "created,running,waiting,pending,COMPLETED,concluded,null");
+  EXPECT_EQ(rec.SequenceUntil("drive0"),
+            "created,running,waiting,pending,COMPLETED,concluded,null");
   EXPECT_TRUE(f.registry->ListJobs().empty());
   ASSERT_EQ(f.registry->JobFiles().size(), 1u);
 }

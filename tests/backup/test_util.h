@@ -102,8 +102,8 @@ class EventRecorder {
     WaitFor(
         [&] {
           seq = Sequence(id);
-          return seq.size() >= last.size() && seq.compare(seq.size() - last.size(), last.size(),
-                                                          last) == 0;
+          return seq.size() >= last.size() &&
+                 seq.compare(seq.size() - last.size(), last.size(), last) == 0;
         },
         seconds);
     return seq;
