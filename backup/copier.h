@@ -59,10 +59,11 @@ class CopierHost {
 // flight, each read from the source with io_uring and written through the
 // target's queue. Where the dirty clusters are scattered (an incremental:
 // runs shorter than a chunk), up to `small_depth` more single-cluster
-// requests go in flight beside them, as random reads need a deeper queue. All-zero clusters are not
-// written (a hole on a zeroed target, write-zeroes otherwise); holes that SEEK_DATA finds are
-// claimed and zeroed without reading. Short reads are resubmitted. Not thread-safe: one copier
-// thread runs it.
+// requests go in flight beside them, as random reads need a deeper queue.
+// All-zero clusters are not written (a hole on a zeroed target, write-zeroes
+// otherwise); holes that SEEK_DATA finds are claimed and zeroed without
+// reading. Short reads are resubmitted. Not thread-safe: one copier thread
+// runs it.
 class Copier {
  public:
   struct Config {
