@@ -78,7 +78,7 @@ void Copier::ReleaseAll() {
 }
 
 Status Copier::Init() {
-  const unsigned big = std::max(1u, config_.depth);
+  const unsigned big = BigSlots();
   slots_.resize(big + config_.small_depth);
   for (size_t i = 0; i < slots_.size(); ++i) {
     Slot& s = slots_[i];
@@ -101,7 +101,7 @@ Status Copier::Init() {
 }
 
 int Copier::FreeSlot(bool small_too) const {
-  const size_t n = small_too ? slots_.size() : std::max<size_t>(1, config_.depth);
+  const size_t n = small_too ? slots_.size() : BigSlots();
   for (size_t i = 0; i < n; ++i) {
     if (slots_[i].phase == Slot::Phase::kFree) return static_cast<int>(i);
   }

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -91,6 +92,8 @@ class Copier {
   };
 
   Status Init();
+  // Slots [0, BigSlots()) hold a chunk; the small ones follow.
+  unsigned BigSlots() const { return std::max(1u, config_.depth); }
   int FreeSlot(bool small_too) const;
   void Dispatch(int slot, uint64_t max_clusters);
   void SubmitRead(int slot);
