@@ -70,6 +70,5 @@ echo "   drive0 now:            $now  (the writer changed it meanwhile)"
 echo "   OK: the backup equals the drive as it was when the backup started"
 
 echo "== unmounting"
-fusermount3 -u "$mnt"
-while pgrep -f "cbwfs --drive drive0=$work/vm.img" >/dev/null; do sleep 0.05; done
+examples_unmount
 echo "demo finished"

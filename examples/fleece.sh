@@ -87,5 +87,5 @@ echo "   drive0 now:           $now"
 [ "$scratch_used" -le $((cbw + (1 << 20))) ] || { echo "scratch file is not sparse"; exit 1; }
 echo "   OK: the copy equals the drive as it was when the job started"
 
-fusermount3 -u "$mnt"
+examples_unmount
 echo "fleecing finished"

@@ -30,7 +30,7 @@ work=$(mktemp -d "${INCR_DIR:-${TMPDIR:-/tmp}}/cbwfs-incremental.XXXXXX")
 mnt=$work/mnt
 cleanup() {
   local rc=$?
-  fusermount3 -uz "$mnt" 2>/dev/null || true
+  examples_unmount -z 2>/dev/null || true
   if [ "$rc" != 0 ]; then
     echo "FAILED (exit $rc); the daemon's log:" >&2
     cat "$work/cbwfs.log" >&2 2>/dev/null || true
@@ -126,7 +126,7 @@ for k in 1 2 3; do
   prev=inc$k.qcow2 prev_fmt=qcow2
   if [ "$k" = 2 ]; then
     echo "== restarting cbwfs: b0 is saved in $work/state and comes back with its bits"
-    fusermount3 -u "$mnt" # a clean stop saves the bitmaps (the next start waits for it)
+    examples_unmount # a clean stop saves the bitmaps
     mount_cbwfs
     show_bitmap
   fi
@@ -147,5 +147,5 @@ echo "   OK: the refreshed copy equals the drive at the refresh's point in time"
 show_bitmap
 
 echo "== unmounting"
-fusermount3 -u "$mnt"
+examples_unmount
 echo "incremental example finished: OK"

@@ -28,6 +28,16 @@ examples_binary() {
 
 examples_cleanup() {
   [ -n "$writer_pid" ] && kill "$writer_pid" 2>/dev/null || true
-  fusermount3 -uz "$mnt" 2>/dev/null || true
+  examples_unmount -z 2>/dev/null || true
   rm -rf "$work"
+}
+
+# Unmounts $mnt (fusermount3 -u, plus $1 if given: -z for lazy) and waits (up
+# to a minute) until the daemon has let go of $work/vm.img. fusermount3 returns
+# at once; the daemon goes on flushing the drive and saving its state (bitmaps,
+# job records) until it exits, and it holds the image's lock until then.
+# Removing $work or starting another cbwfs before that races with it.
+examples_unmount() {
+  fusermount3 -u ${1:-} "$mnt" || return
+  flock -w 60 "$work/vm.img" true
 }
