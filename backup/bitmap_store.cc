@@ -156,6 +156,16 @@ std::string BitmapStore::FileName(const std::string& bitmap_name) {
   return "b-" + prefix + "-" + hex + kSuffix;
 }
 
+std::optional<std::string> BitmapStore::NameFromFileName(const std::string& file) {
+  // "b-" + prefix + "-" + 16 hex digits + suffix; the prefix is the whole
+  // name when FileName of it gives the file's name back.
+  const size_t tail = 1 + 16 + std::strlen(kSuffix);
+  if (file.size() <= 2 + tail || file.compare(0, 2, "b-") != 0) return std::nullopt;
+  std::string prefix = file.substr(2, file.size() - 2 - tail);
+  if (prefix.empty() || FileName(prefix) != file) return std::nullopt;
+  return prefix;
+}
+
 Result<std::unique_ptr<BitmapStore>> BitmapStore::Open(const std::string& state_dir,
                                                        const std::string& drive) {
   if (Status s = MakeDir(state_dir + "/bitmaps"); !s.ok()) return s;
@@ -205,7 +215,21 @@ std::vector<BitmapRecord> BitmapStore::LoadBitmaps(std::vector<std::string>* unr
     rec.name = name_len <= 1023 ? r.Bytes(name_len) : std::string();
     if (r.bad() || magic != std::string(kBitmapMagic, 8) || rec.name.empty() ||
         FileName(rec.name) != file) {
-      unreadable->push_back(dir_ + "/" + file + ": not a cbwfs bitmap");
+      // A damaged header. The file's name still names the bitmap when the
+      // name was short and plain (the file name holds it whole, and its
+      // hash confirms it): that bitmap comes back inconsistent, so its user
+      // learns it cannot be trusted rather than finding it gone.
+      std::optional<std::string> name = NameFromFileName(file);
+      if (!name) {
+        unreadable->push_back(dir_ + "/" + file + ": not a cbwfs bitmap");
+        continue;
+      }
+      LogWarn("bitmaps: '" + dir_ + "/" + file + "' is corrupt: bitmap '" + *name +
+              "' is inconsistent");
+      BitmapRecord damaged;
+      damaged.name = std::move(*name);
+      damaged.inconsistent = true;
+      out.push_back(std::move(damaged));
       continue;
     }
     rec.recording = flags & kRecording;
@@ -224,6 +248,8 @@ std::vector<BitmapRecord> BitmapStore::LoadBitmaps(std::vector<std::string>* unr
               "' is inconsistent");
       rec.inconsistent = true;
       rec.words.clear();
+      // Nothing in a damaged file is trusted, its granularity included.
+      rec.granularity = 0;
     }
     out.push_back(std::move(rec));
   }

@@ -74,9 +74,14 @@ class BitmapStore {
 
   // Every bitmap file: parsed records, and the file names that could not be
   // parsed at all (logged; left alone). A record whose CRC fails comes back
-  // with `inconsistent` set and no words.
+  // with `inconsistent` set, no words and granularity 0 (unknown); so does
+  // one whose header is damaged, when its file name gives its name whole
+  // (NameFromFileName).
   std::vector<BitmapRecord> LoadBitmaps(std::vector<std::string>* unreadable);
   Status SaveBitmap(const BitmapRecord& record);
+  // The bitmap name a file name was made from, when FileName kept it whole
+  // (at most 40 characters of letters, digits, '-', '_', '.').
+  static std::optional<std::string> NameFromFileName(const std::string& file);
   Status RemoveBitmap(const std::string& name);
 
   // The journal: nullopt (with the reason) when missing or corrupt.

@@ -102,7 +102,11 @@ void DriveBitmaps::Start() {
       e->name = rec.name;
       e->persistent = true;
       e->enabled = rec.recording;
-      uint64_t g = rec.granularity >= 512 ? rec.granularity : options_.default_granularity;
+      // A granularity QEMU would refuse (a damaged file's) is replaced.
+      const uint64_t rg = rec.granularity;
+      uint64_t g = rg >= 512 && rg <= (uint64_t{1} << 31) && (rg & (rg - 1)) == 0
+                       ? rg
+                       : options_.default_granularity;
       e->bits = std::make_unique<DirtyBitmap>(drive_->size(), g);
       std::string reason;
       if (rec.inconsistent) {

@@ -495,7 +495,7 @@ TEST(PersistentBitmapTest, ASourceChangedWhileStoppedMakesItInconsistent) {
 }
 
 TEST(PersistentBitmapTest, CorruptOrMissingRecordsMakeItInconsistent) {
-  for (const std::string damage : {"journal", "bitmap"}) {
+  for (const std::string damage : {"journal", "bitmap", "header", "granularity"}) {
     Persisted p(8 * kMiB);
     ASSERT_TRUE(p.Run(PersistentAdd("b0")).ok());
     p.CleanStop();
@@ -506,14 +506,40 @@ TEST(PersistentBitmapTest, CorruptOrMissingRecordsMakeItInconsistent) {
       std::string file = dir + "/" + BitmapStore::FileName("b0");
       std::string bytes = ReadAll(file);
       ASSERT_GT(bytes.size(), 20u);
-      bytes[bytes.size() - 10] ^= 0x55;
+      if (damage == "bitmap") bytes[bytes.size() - 10] ^= 0x55;
+      if (damage == "header") bytes[1] ^= 0x55;        // the magic: nothing in it can be read
+      if (damage == "granularity") bytes[16] ^= 0x55;  // 65536 -> not a power of two
       testing::WriteAt(file, bytes, 0);
     }
     p.Open();
     auto b0 = p.Info("b0");
     ASSERT_TRUE(b0) << damage;
     EXPECT_TRUE(b0->inconsistent) << damage;
+    EXPECT_EQ(b0->granularity, 65536u) << damage;
+    // Only remove works, and it removes the damaged file too.
+    ASSERT_TRUE(p.Run(Op(BitmapAction::Kind::kRemove, "b0")).ok()) << damage;
+    p.CleanStop();
+    p.Open();
+    EXPECT_FALSE(p.Info("b0")) << damage;
   }
+}
+
+// A damaged header whose bitmap's name the file name cannot give back (a
+// long name) is left alone and logged: the bitmap is not shown.
+TEST(PersistentBitmapTest, ADamagedFileOfALongNameIsSkipped) {
+  const std::string name(50, 'n');
+  Persisted p(8 * kMiB);
+  ASSERT_TRUE(p.Run(PersistentAdd(name)).ok());
+  p.CleanStop();
+  const std::string file = p.dir / "state/bitmaps/drive0" + "/" + BitmapStore::FileName(name);
+  std::string bytes = ReadAll(file);
+  bytes[0] ^= 0x55;
+  testing::WriteAt(file, bytes, 0);
+  p.Open();
+  EXPECT_FALSE(p.Info(name));
+  EXPECT_EQ(BitmapStore::NameFromFileName(BitmapStore::FileName(name)), std::nullopt);
+  EXPECT_EQ(BitmapStore::NameFromFileName(BitmapStore::FileName("b0")), "b0");
+  EXPECT_EQ(BitmapStore::NameFromFileName(BitmapStore::FileName("a/b")), std::nullopt);
 }
 
 // The first write into a region since the last save waits for the journal
