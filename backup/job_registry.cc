@@ -460,10 +460,13 @@ Status JobRegistry::Transaction(const std::vector<TxnAction>& actions, Completio
 
   // 6. The point in time of every action, with no registry lock held (it
   // waits for writes in flight).
+  // A bitmap command has one too: writes that returned before `disable`
+  // (or before the first save of a new `add`) belong to the bitmap's past.
   if (options_.before_point_in_time) {
     std::vector<Drive*> drives;
     for (const auto& p : plan) {
-      if (p.drive) drives.push_back(p.drive);
+      Drive* d = p.drive ? p.drive : p.bitmaps ? p.bitmaps->drive() : nullptr;
+      if (d && std::find(drives.begin(), drives.end(), d) == drives.end()) drives.push_back(d);
     }
     if (!drives.empty()) options_.before_point_in_time(drives);
   }

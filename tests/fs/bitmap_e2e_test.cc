@@ -30,23 +30,6 @@ namespace {
 
 constexpr uint64_t kMiB = 1 << 20;
 
-json Bitmaps(CbwfsMount& m, const std::string& drive = "drive0") {
-  std::string reply;
-  EXPECT_EQ(m.Control(Cmd("query-block"), &reply), 0);
-  json r = json::parse(reply, nullptr, false);
-  for (const auto& d : r["return"]) {
-    if (d["device"] == drive) return d["inserted"].value("dirty-bitmaps", json::array());
-  }
-  return json::array();
-}
-
-json BitmapInfo(CbwfsMount& m, const std::string& name) {
-  for (const auto& b : Bitmaps(m)) {
-    if (b["name"] == name) return b;
-  }
-  return json();
-}
-
 std::string Backup(const std::string& target, const std::string& sync,
                    const std::string& bitmap = "", const std::string& mode = "") {
   json a = {{"device", "drive0"}, {"target", target}, {"sync", sync}};

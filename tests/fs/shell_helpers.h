@@ -55,6 +55,26 @@ inline bool WaitResult(CbwfsMount& m, const std::string& id,
   return WaitFor([&] { return Record(m, id).contains("result"); }, deadline);
 }
 
+// query-block's dirty bitmaps of a drive.
+inline json Bitmaps(CbwfsMount& m, const std::string& drive = "drive0") {
+  std::string reply;
+  EXPECT_EQ(m.Control(Cmd("query-block"), &reply), 0);
+  json r = json::parse(reply, nullptr, false);
+  for (const auto& d : r["return"]) {
+    if (d["device"] == drive) return d["inserted"].value("dirty-bitmaps", json::array());
+  }
+  return json::array();
+}
+
+// One bitmap of query-block (null when there is none by that name).
+inline json BitmapInfo(CbwfsMount& m, const std::string& name,
+                       const std::string& drive = "drive0") {
+  for (const auto& b : Bitmaps(m, drive)) {
+    if (b["name"] == name) return b;
+  }
+  return json();
+}
+
 // Single-quotes `s` for bash.
 inline std::string Q(const std::string& s) {
   std::string out = "'";
