@@ -748,6 +748,11 @@ Result<uint64_t> JobRegistry::SeekSnapshot(const std::string& id, uint64_t off, 
   return j->SeekSnapshot(off, whence);
 }
 
+bool JobRegistry::LeftJobsBehind() const {
+  MutexLock lock(&mu_);
+  return left_behind_;
+}
+
 void JobRegistry::Shutdown() {
   std::vector<std::shared_ptr<BackupJob>> jobs;
   {
@@ -766,6 +771,8 @@ void JobRegistry::Shutdown() {
       j->Join();
     } else {
       LogError("job '" + j->id() + "' did not stop in time; leaving it behind");
+      MutexLock lock(&mu_);
+      left_behind_ = true;
     }
   }
   if (token_ != 0) {

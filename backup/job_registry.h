@@ -192,6 +192,10 @@ class JobRegistry {
   // written to the state dir). A job stuck on a dead target concludes
   // without its copier (see BackupJob). Idempotent.
   void Shutdown() CBW_EXCLUDES(mu_, pmu_);
+  // After Shutdown: whether a job did not conclude in time and was left
+  // running. Its thread still uses the drives, the event bus and this
+  // registry, so the process must end without destroying them.
+  bool LeftJobsBehind() const CBW_EXCLUDES(mu_);
 
  private:
   std::shared_ptr<BackupJob> Find(const std::string& id) const CBW_REQUIRES(mu_);
@@ -233,6 +237,7 @@ class JobRegistry {
   std::set<std::string> reserved_ids_ CBW_GUARDED_BY(mu_);
   std::set<std::string> reserved_targets_ CBW_GUARDED_BY(mu_);
   bool shut_down_ CBW_GUARDED_BY(mu_) = false;
+  bool left_behind_ CBW_GUARDED_BY(mu_) = false;
 
   // Persistence; unset without a state dir.
   Mutex store_mu_;  // serialises every JobStore call

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <memory>
@@ -231,6 +232,15 @@ int Run(int argc, char** argv) {
   // No write can come any more: persistent bitmaps are saved with the
   // sources' final state (a clean stop, SPEC 7).
   registry.SaveBitmapsAtStop();
+  if (registry.LeftJobsBehind()) {
+    // A job stuck on its target still runs and uses the drives, the bus and
+    // the registry: end here, before their destructors run under it.
+    // Everything that must last is done (records and bitmaps saved, sources
+    // flushed); the kernel closes the rest.
+    if (!s.ok()) LogError(s.message());
+    LogInfo("unmounted; a job stuck on its target was left behind");
+    std::_Exit(s.ok() ? 0 : 1);
+  }
   if (!s.ok()) return Fail(s.message());
   LogInfo("unmounted cleanly");
   return 0;
