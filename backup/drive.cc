@@ -219,6 +219,14 @@ Result<std::unique_ptr<Drive>> Drive::Open(const DriveConfig& config) {
     d->size_ = static_cast<uint64_t>(st.st_size);
   }
   d->fd_ = std::move(fd);
+  // No readahead on the source: cbwfs reads it in the sizes it needs (FUSE
+  // reads, copies), and what readahead caches comes in large folios, into
+  // which every later small write of the drive costs far more than into a
+  // page of its own (4 KiB random writes through the mount: about half the
+  // rate after a readahead read of the source; see issue 14's note).
+  if (posix_fadvise(d->fd_.get(), 0, 0, POSIX_FADV_RANDOM) != 0) {
+    LogDebug("drive '" + config.name + "': posix_fadvise(RANDOM) failed");
+  }
   d->lease_ = std::make_shared<SourceLease>(d->fd_.get());
   d->slow_ = WorkerPool::Create("drive '" + config.name + "' writer", kSlowWriters,
                                 std::chrono::seconds(10));
