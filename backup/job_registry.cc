@@ -460,8 +460,8 @@ Status JobRegistry::Transaction(const std::vector<TxnAction>& actions, Completio
 
   // 6. The point in time of every action, with no registry lock held (it
   // waits for writes in flight).
-  // A bitmap command has one too: writes that returned before `disable`
-  // (or before the first save of a new `add`) belong to the bitmap's past.
+  // A bitmap command has one too: a write that returned before `disable`
+  // belongs in the bitmap, one that returned before `add` or `clear` not.
   if (options_.before_point_in_time) {
     std::vector<Drive*> drives;
     for (const auto& p : plan) {
