@@ -2,6 +2,8 @@
 
 #include <cerrno>
 
+#include "backup/dirty_bitmap.h"
+
 namespace cbw::backup {
 
 const char* ToString(BitmapAction::Kind kind) {
@@ -80,7 +82,7 @@ Status BitmapCatalog::Apply(const BitmapAction& a, bool grouped) {
       uint64_t g = d.default_granularity;
       if (a.granularity) {
         g = *a.granularity;
-        if (g < 512 || (g & (g - 1)) != 0 || g > (uint64_t{1} << 31)) {
+        if (!DirtyBitmap::ValidGranularity(g)) {
           return Status::Error(EINVAL, "Granularity must be power of 2 and at least 512");
         }
       }

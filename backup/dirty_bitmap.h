@@ -14,7 +14,11 @@ namespace cbw::backup {
 // drive's write gate closed, or reads a racy but monotone snapshot).
 class DirtyBitmap {
  public:
-  // A bitmap over `size` bytes; `granularity` is a power of two >= 512.
+  // QEMU's rule for a bitmap's granularity: a power of two, 512 B .. 2 GiB.
+  static bool ValidGranularity(uint64_t g) {
+    return g >= 512 && g <= (uint64_t{1} << 31) && (g & (g - 1)) == 0;
+  }
+  // A bitmap over `size` bytes; `granularity` is valid (above).
   DirtyBitmap(uint64_t size, uint64_t granularity);
   DirtyBitmap(const DirtyBitmap& other);
   DirtyBitmap& operator=(const DirtyBitmap&) = delete;

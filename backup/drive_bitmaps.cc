@@ -103,10 +103,9 @@ void DriveBitmaps::Start() {
       e->persistent = true;
       e->enabled = rec.recording;
       // A granularity QEMU would refuse (a damaged file's) is replaced.
-      const uint64_t rg = rec.granularity;
-      uint64_t g = rg >= 512 && rg <= (uint64_t{1} << 31) && (rg & (rg - 1)) == 0
-                       ? rg
-                       : options_.default_granularity;
+      const uint64_t g = DirtyBitmap::ValidGranularity(rec.granularity)
+                             ? rec.granularity
+                             : options_.default_granularity;
       e->bits = std::make_unique<DirtyBitmap>(drive_->size(), g);
       std::string reason;
       if (rec.inconsistent) {
@@ -149,7 +148,7 @@ void DriveBitmaps::Start() {
       generation_ = top_generation;
     }
     if (!records.empty() || j) {
-      if (Status s = Save(false); !s.ok()) LogError("bitmaps: " + s.message());
+      SaveOrLog();
     }
   }
   Drive::AtPointInTime({drive_}, [&] { drive_->AddHookWithGateClosed(hook_); });
@@ -403,6 +402,10 @@ void DriveBitmaps::Tick() {
     lock.Unlock();
     JournalFailed(s);
   }
+}
+
+void DriveBitmaps::SaveOrLog() {
+  if (Status s = Save(false); !s.ok()) LogError("bitmaps: " + s.message());
 }
 
 Status DriveBitmaps::Save(bool clean) {

@@ -86,6 +86,8 @@ class DriveBitmaps {
   // the last save before exit (no write follows; the source's mtime is
   // recorded instead of a lease).
   Status Save(bool clean) CBW_EXCLUDES(mu_, save_mu_, journal_mu_);
+  // Save(false), logging a failure (the caller has no one to tell).
+  void SaveOrLog() CBW_EXCLUDES(mu_, save_mu_, journal_mu_);
   // Renews the lease (called every couple of seconds).
   void Tick() CBW_EXCLUDES(journal_mu_);
   // Removes a persistent bitmap's file (after a remove action committed).

@@ -143,7 +143,7 @@ void JobRegistry::TickLoop() {
     const bool stop = pstop_;
     lock.Unlock();
     for (DriveBitmaps* b : saves) {
-      if (Status s = b->Save(false); !s.ok()) LogError("bitmaps: " + s.message());
+      b->SaveOrLog();
     }
     // (Once pstop_ is set, SaveBitmapsSoon saves on its caller's thread.)
     if (stop) return;
@@ -164,7 +164,7 @@ void JobRegistry::SaveBitmapsSoon(DriveBitmaps* b) {
       return;
     }
   }
-  if (Status s = b->Save(false); !s.ok()) LogError("bitmaps: " + s.message());
+  b->SaveOrLog();
 }
 
 std::vector<BitmapInfo> JobRegistry::Bitmaps(const std::string& drive) const {
@@ -521,7 +521,7 @@ Status JobRegistry::Transaction(const std::vector<TxnAction>& actions, Completio
     }
   }
   for (DriveBitmaps* b : to_save) {
-    if (Status s = b->Save(false); !s.ok()) LogError("bitmaps: " + s.message());
+    b->SaveOrLog();
   }
   for (DriveBitmaps* b : to_save_soon) {
     if (!to_save.count(b)) SaveBitmapsSoon(b);
